@@ -1,0 +1,350 @@
+"""Settings under the names other tools give them.
+
+Three kinds of foreign key:
+- renames: the same setting, another name (built from the schema's per-field names);
+- translations: a key whose value says something about one or more lmtune
+  settings (`adapter: qlora`, `bf16: true`, `rl: dpo`, ...);
+- keys lmtune knows but does not use: ignored with a warning, or refused with
+  the fix when using them would change what the run means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .schema import KEY_GROUP, TOOLS, field_info
+
+TOOL_LABEL = {
+    "jumpstart": "SageMaker JumpStart",
+    "axolotl": "Axolotl",
+    "llamafactory": "LLaMA-Factory",
+    "torchtune": "torchtune",
+    "accelerate": "accelerate",
+}
+
+
+class AliasError(ValueError):
+    """A foreign key whose value lmtune cannot take; the message holds the fix."""
+
+
+def _renames() -> dict[str, tuple[str, list[str]]]:
+    """foreign name -> (lmtune key, tools that use that name)."""
+    table: dict[str, tuple[str, list[str]]] = {}
+    for key in KEY_GROUP:
+        names = (field_info(key).json_schema_extra or {}).get("names", {})
+        for tool in TOOLS:
+            for name in names.get(tool, []):
+                if name == key:
+                    continue
+                known = table.setdefault(name, (key, []))
+                assert known[0] == key, f"alias {name} points at {known[0]} and {key}"
+                known[1].append(tool)
+    return table
+
+
+RENAMES = _renames()
+
+
+def names_elsewhere(key: str) -> dict[str, list[str]]:
+    """The names of one lmtune setting in each other tool (its own name included when shared)."""
+    names = (field_info(key).json_schema_extra or {}).get("names", {})
+    return {TOOL_LABEL[tool]: list(names.get(tool, [])) for tool in TOOLS if names.get(tool)}
+
+
+# Values other tools write for lmtune's choices.
+VALUE_ALIASES: dict[str, dict[str, str]] = {
+    "optimizer": {
+        "adamw": "adamw_torch",
+        "adamw_hf": "adamw_torch",
+        "adamw_bnb_8bit": "adamw_8bit",
+        "paged_adamw_8bit": "adamw_8bit",
+        "adamw_8bit": "adamw_8bit",
+        "adamw_torch_fused": "adamw_torch_fused",
+        "paged_adamw_32bit": "adamw_torch",
+    },
+    "precision": {"float32": "fp32", "no": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"},
+    "attn_implementation": {"fa2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager", "disabled": "eager"},
+    "template": {"qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml", "empty": "plain", "default": "plain"},
+    "lr_scheduler": {"constant_schedule": "constant", "cosine_schedule": "cosine"},
+    "eval_strategy": {"none": "no"},
+}
+
+# Notes for value rewrites that change more than the spelling.
+VALUE_NOTES = {
+    ("optimizer", "paged_adamw_32bit"): "paging optimizer states to CPU is a CUDA memory feature; "
+    "lmtune runs plain AdamW with fp32 states",
+    ("optimizer", "paged_adamw_8bit"): "lmtune runs bitsandbytes 8-bit AdamW without paging",
+}
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on", "auto")
+    return bool(value)
+
+
+def _precision(name: str) -> Callable[[Any], dict[str, Any]]:
+    def translate(value: Any) -> dict[str, Any]:
+        return {"precision": name} if _truthy(value) else {}
+
+    return translate
+
+
+def _adapter(value: Any) -> dict[str, Any]:
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("", "none", "null", "false"):
+        return {"method": "full"}
+    if text in ("lora", "qlora"):
+        return {"method": text}
+    raise AliasError(f"adapter: {value!r} is not one lmtune trains; use lora or qlora, or leave it empty for full")
+
+
+def _quantization_bit(value: Any) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    bits = int(value)
+    if bits == 4:
+        return {"method": "qlora"}
+    if bits == 8:
+        return {"int8_quantization": True}
+    raise AliasError(f"quantization_bit: {bits} is not supported; lmtune quantises bases to 4 (qlora) or 8 bits")
+
+
+def _rl(value: Any) -> dict[str, Any]:
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("", "none", "false"):
+        return {}
+    if text == "dpo":
+        return {"stage": "dpo"}
+    if text == "ipo":
+        return {"stage": "dpo", "pref_loss": "ipo"}
+    raise AliasError(f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo as pref_loss: ipo), rm and ppo")
+
+
+def _lora_target_linear(value: Any) -> dict[str, Any]:
+    return {"lora_target": ["all"]} if _truthy(value) else {}
+
+
+def _flash_attention(value: Any) -> dict[str, Any]:
+    return {"attn_implementation": "flash_attention_2"} if _truthy(value) else {}
+
+
+def _sdp_attention(value: Any) -> dict[str, Any]:
+    return {"attn_implementation": "sdpa"} if _truthy(value) else {}
+
+
+def _val_set_size(value: Any) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    size = float(value)
+    if size >= 1:
+        raise AliasError(
+            f"val_set_size: {value} is a row count; lmtune takes a fraction in "
+            "validation_split_ratio (e.g. 0.05) and caps rows with max_val_samples"
+        )
+    return {"validation_split_ratio": size}
+
+
+def _fsdp(value: Any) -> dict[str, Any]:
+    if not value:
+        return {}
+    options = value if isinstance(value, list) else str(value).split()
+    out: dict[str, Any] = {"enable_fsdp": True}
+    for option in options:
+        if option in ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard"):
+            out["fsdp_sharding_strategy"] = option
+        if option == "offload":
+            out["fsdp_offload_params"] = True
+    return out
+
+
+def _fsdp_config(value: Any) -> dict[str, Any]:
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise AliasError("fsdp_config: expected a mapping of fsdp_* settings")
+    out: dict[str, Any] = {}
+    if "fsdp_offload_params" in value:
+        out["fsdp_offload_params"] = _truthy(value["fsdp_offload_params"])
+    strategy = value.get("fsdp_sharding_strategy")
+    if strategy:
+        out["fsdp_sharding_strategy"] = str(strategy).lower()
+    return out
+
+
+def _mixed_precision(value: Any) -> dict[str, Any]:
+    text = str(value).strip().lower() if value is not None else ""
+    return {"precision": VALUE_ALIASES["precision"].get(text, text)} if text else {}
+
+
+AXOLOTL_TYPES = {
+    "alpaca": "instruction",
+    "alpaca_chat": "instruction",
+    "completion": "text",
+    "pretrain": "text",
+    "chat_template": "chat",
+    "sharegpt": "chat",
+}
+AXOLOTL_COLUMN_FIELDS = {
+    "field_messages": "messages",
+    "field_chosen": "chosen",
+    "field_rejected": "rejected",
+    "field_instruction": "instruction",
+    "field_input": "input",
+    "field_output": "output",
+    "field_system": "system",
+    "field": "text",
+}
+
+
+def _axolotl_dataset(entry: Any) -> Any:
+    if not isinstance(entry, dict):
+        return entry
+    path = entry.get("path")
+    if not path:
+        raise AliasError("datasets: an entry has no path; each needs `path:`")
+    kind = str(entry.get("type") or "auto").split(".")[0]
+    columns = {ours: str(entry[theirs]) for theirs, ours in AXOLOTL_COLUMN_FIELDS.items() if entry.get(theirs)}
+    spec: dict[str, Any] = {"path": path, "format": AXOLOTL_TYPES.get(kind, kind)}
+    if columns:
+        spec["columns"] = columns
+    if entry.get("split"):
+        spec["split"] = entry["split"]
+    return spec
+
+
+def _datasets(value: Any) -> dict[str, Any]:
+    if value in (None, ""):
+        return {}
+    entries = value if isinstance(value, list) else [value]
+    return {"dataset": [_axolotl_dataset(entry) for entry in entries]}
+
+
+def _test_datasets(value: Any) -> dict[str, Any]:
+    converted = _datasets(value)
+    return {"validation_dataset": converted["dataset"]} if converted else {}
+
+
+def _special_tokens(value: Any) -> dict[str, Any]:
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise AliasError("special_tokens: expected a mapping such as {pad_token: ...}")
+    changed = sorted(set(value) - {"pad_token"})
+    if changed:
+        raise AliasError(
+            f"special_tokens: changing {', '.join(changed)} is not supported yet; use a tokenizer that has them"
+        )
+    return {WARNING: "pad_token ignored: lmtune pads with the tokenizer's pad token (or its end token) and never trains on padding"}
+
+
+# A translation may return this key with a message instead of (or beside) settings.
+WARNING = "_warning"
+
+# foreign key -> translation into lmtune settings
+TRANSLATIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "bf16": _precision("bf16"),
+    "fp16": _precision("fp16"),
+    "fp32": _precision("fp32"),
+    "mixed_precision": _mixed_precision,
+    "adapter": _adapter,
+    "load_in_4bit": lambda v: {"method": "qlora"} if _truthy(v) else {},
+    "quantization_bit": _quantization_bit,
+    "rl": _rl,
+    "lora_target_linear": _lora_target_linear,
+    "flash_attention": _flash_attention,
+    "sdp_attention": _sdp_attention,
+    "val_set_size": _val_set_size,
+    "fsdp": _fsdp,
+    "fsdp_config": _fsdp_config,
+    "datasets": _datasets,
+    "test_datasets": _test_datasets,
+    "special_tokens": _special_tokens,
+}
+TRANSLATION_TOOL = {
+    "bf16": "axolotl",
+    "fp16": "axolotl",
+    "fp32": "axolotl",
+    "mixed_precision": "accelerate",
+    "adapter": "axolotl",
+    "load_in_4bit": "axolotl",
+    "quantization_bit": "llamafactory",
+    "rl": "axolotl",
+    "lora_target_linear": "axolotl",
+    "flash_attention": "axolotl",
+    "sdp_attention": "axolotl",
+    "val_set_size": "axolotl",
+    "fsdp": "axolotl",
+    "fsdp_config": "axolotl",
+    "datasets": "axolotl",
+    "test_datasets": "axolotl",
+    "special_tokens": "axolotl",
+}
+
+# Keys with no effect on what lmtune trains: accepted, reported once.
+IGNORED: dict[str, str] = {
+    "model_type": "lmtune reads the architecture from the model's own config",
+    "tokenizer_type": "lmtune loads tokenizers with AutoTokenizer",
+    "do_train": "`lmtune train` always trains",
+    "do_eval": "evaluation follows eval_strategy",
+    "strict": "lmtune always validates every key",
+    "save_safetensors": "lmtune always saves safetensors",
+    "logging_dir": "logs go into output_dir",
+    "wandb_project": "Weights & Biases logging is not built in; metrics go to metrics.jsonl and TensorBoard",
+    "wandb_entity": "Weights & Biases logging is not built in",
+    "wandb_watch": "Weights & Biases logging is not built in",
+    "wandb_name": "Weights & Biases logging is not built in",
+    "wandb_log_model": "Weights & Biases logging is not built in",
+    "lora_model_dir": "resume an adapter run with resume_from_checkpoint",
+    "lora_fan_in_fan_out": "lmtune reads the layer layout from the model",
+    "xformers_attention": "lmtune picks SDPA or flash attention (attn_implementation)",
+    "local_rank": "the launcher sets each process's rank",
+    "debug": "use sagemaker_container_log_level or --verbose",
+    "eval_table_size": "generation tables during eval are not built in",
+    "saves_per_epoch": "lmtune saves at each epoch's end unless save_steps is set",
+    "eval_sample_packing": "evaluation batches are never packed",
+    "pad_to_sequence_len": "lmtune pads each batch only to its longest example (or packs)",
+    "quantization_method": "lmtune quantises with bitsandbytes",
+    "include_mfu": "lmtune's benchmarks report model FLOPs utilisation",
+    "dataloader_num_workers": "tokenised batches are read in the main process",
+    "dataloader_prefetch_factor": "tokenised batches are read in the main process",
+    "dataloader_persistent_workers": "tokenised batches are read in the main process",
+    "dataloader_pin_memory": "lmtune decides pinning from the device",
+    "save_only_model": "checkpoints always hold what --resume needs",
+    "torch_compile_backend": "torch_compile uses the default inductor backend",
+    "mask_history": "every assistant turn is trained unless train_on_inputs is set",
+    "pure_bf16": "bf16 runs keep fp32 master weights",
+    "device": "lmtune picks the device (CUDA when present)",
+    "shuffle": "training batches are always shuffled with the seed",
+    "log_peak_memory_stats": "peak memory is always logged",
+    "save_adapter_weights_only": "LoRA runs save the adapter in PEFT format",
+    "enable_activation_offloading": "not built in; use gradient_checkpointing",
+    "apply_lora_to_mlp": "use lora_target",
+    "apply_lora_to_output": "use lora_target",
+    "run_name": "the run is named by output_dir",
+}
+
+# Keys whose use lmtune refuses, with what to do instead. An empty or false
+# value is accepted silently: it asks for nothing.
+UNSUPPORTED: dict[str, str] = {
+    "deepspeed": "DeepSpeed is not supported; set enable_fsdp: true to shard across GPUs",
+    "tokens": "adding tokens is not supported yet; use a tokenizer that has them",
+    "enable_liger_kernel": "Liger kernels are not built in yet; remove the key",
+    "use_liger_kernel": "Liger kernels are not built in yet; remove the key",
+    "attn": "use attn_implementation (eager, sdpa, flash_attention_2)",
+    "report_to_wandb": "Weights & Biases logging is not built in",
+    "push_to_hub": "uploading is not built in; push the run's final/ folder yourself",
+    "hub_model_id": "uploading is not built in; push the run's final/ folder yourself",
+    "unsloth_lora_mlp": "Unsloth kernels are not supported",
+    "gptq": "GPTQ bases are not supported; use method: qlora or int8_quantization",
+    "relora_steps": "ReLoRA is not supported",
+    "model": "this is a torchtune component block; name the model with base_model",
+    "tokenizer_component": "torchtune component blocks are not read; name the tokenizer with tokenizer",
+    "checkpointer": "torchtune component blocks are not read; name the model with base_model",
+    "loss": "torchtune component blocks are not read; set pref_beta / pref_loss for dpo",
+    "metric_logger": "torchtune component blocks are not read; metrics go to metrics.jsonl",
+}
+
+
+def every_known_name() -> list[str]:
+    return sorted(set(KEY_GROUP) | set(RENAMES) | set(TRANSLATIONS) | set(IGNORED) | set(UNSUPPORTED))

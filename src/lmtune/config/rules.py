@@ -1,0 +1,330 @@
+"""Rules across settings, checked before any model or data is loaded.
+
+Each rule looks at the validated config (and which keys the user set) and
+returns problems that name the key(s) and the fix. Nothing here imports torch:
+whether CUDA or bitsandbytes exist is read from the system, not by loading them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .load import Problem
+
+if TYPE_CHECKING:
+    from .load import Resolved
+
+TEMPLATES = ("llama3", "chatml", "mistral", "alpaca", "plain")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_modules_to_save")
+FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
+ADAM_KEYS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def cuda_visible() -> bool:
+    """Whether an NVIDIA GPU is reachable, without importing torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+Rule = Callable[["Resolved"], list[Problem]]
+RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    RULES.append(fn)
+    return fn
+
+
+def _set_keys(r: "Resolved", keys: tuple[str, ...]) -> list[str]:
+    return [r.sources[k].name for k in keys if r.was_set(k)]
+
+
+@rule
+def quantisation_needs_adapters(r: "Resolved") -> list[Problem]:
+    c = r.config.finetuning
+    out = []
+    if c.int8_quantization and c.method in ("full", "freeze"):
+        out.append(
+            Problem(
+                "error",
+                "int8_quantization",
+                f"an 8-bit base cannot be trained with method: {c.method}; "
+                "set method: lora (adapters over the 8-bit base) or int8_quantization: false",
+            )
+        )
+    if c.int8_quantization and c.method == "qlora":
+        out.append(
+            Problem(
+                "error",
+                "int8_quantization",
+                "method: qlora already loads the base in 4 bits; drop int8_quantization or use method: lora",
+            )
+        )
+    if (c.int8_quantization or c.method == "qlora") and not installed("bitsandbytes"):
+        out.append(
+            Problem(
+                "error",
+                "method" if c.method == "qlora" else "int8_quantization",
+                "quantised bases need bitsandbytes; install it with `pip install 'lmtune[quant]'`",
+            )
+        )
+    return out
+
+
+@rule
+def settings_the_method_ignores(r: "Resolved") -> list[Problem]:
+    method = r.config.finetuning.method
+    out = []
+    lora = _set_keys(r, LORA_KEYS)
+    if lora and method not in ("lora", "qlora"):
+        out.append(
+            Problem("warning", ", ".join(lora), f"ignored with method: {method}; they apply to lora and qlora")
+        )
+    freeze = _set_keys(r, FREEZE_KEYS)
+    if freeze and method != "freeze":
+        out.append(Problem("warning", ", ".join(freeze), f"ignored with method: {method}; they apply to freeze"))
+    quant4 = _set_keys(r, ("bnb_4bit_quant_type", "bnb_4bit_double_quant"))
+    if quant4 and method != "qlora":
+        out.append(Problem("warning", ", ".join(quant4), f"ignored with method: {method}; they apply to qlora"))
+    return out
+
+
+def _has_validation_data(r: "Resolved") -> bool:
+    d = r.config.data
+    return bool(d.validation_dataset) or d.validation_split_ratio > 0
+
+
+@rule
+def evaluation_needs_data(r: "Resolved") -> list[Problem]:
+    t, e = r.config.training, r.config.evaluation
+    out = []
+    evaluates = _has_validation_data(r) and e.eval_strategy != "no"
+    if t.early_stopping_patience is not None and not evaluates:
+        why = "eval_strategy is no" if e.eval_strategy == "no" else "there is no validation data"
+        out.append(
+            Problem(
+                "error",
+                "early_stopping_patience",
+                f"early stopping needs evaluations, but {why}; set validation_split_ratio (e.g. 0.1) "
+                "or validation_dataset, and an eval_strategy other than no",
+            )
+        )
+    if e.eval_strategy == "steps" and e.eval_steps is None and e.evals_per_epoch is None:
+        out.append(Problem("error", "eval_strategy", "eval_strategy: steps needs eval_steps (e.g. 100)"))
+    if e.eval_strategy in ("steps", "epoch") and not _has_validation_data(r):
+        out.append(
+            Problem(
+                "error",
+                "eval_strategy",
+                f"eval_strategy: {e.eval_strategy} but there is no validation data; "
+                "set validation_split_ratio or validation_dataset",
+            )
+        )
+    if e.eval_steps is not None and e.evals_per_epoch is not None:
+        out.append(Problem("error", "eval_steps", "eval_steps and evals_per_epoch both set; keep one"))
+    if r.config.data.validation_dataset and r.config.data.validation_split_ratio > 0:
+        out.append(
+            Problem("warning", "validation_split_ratio", "ignored: validation_dataset is given, so nothing is split off")
+        )
+    if r.was_set("max_val_samples") and not _has_validation_data(r):
+        out.append(Problem("warning", "max_val_samples", "ignored: there is no validation data"))
+    return out
+
+
+@rule
+def learning_rate_is_positive(r: "Resolved") -> list[Problem]:
+    lr = r.config.training.learning_rate
+    if lr <= 0:
+        return [Problem("error", "learning_rate", f"must be above 0, got {lr}; typical: 2e-4 for LoRA, 2e-5 for full")]
+    if lr >= 1:
+        return [Problem("warning", "learning_rate", f"{lr} is far above any fine-tuning rate; the loss will diverge")]
+    return []
+
+
+@rule
+def run_length(r: "Resolved") -> list[Problem]:
+    t = r.config.training
+    out = []
+    if t.max_steps == 0:
+        out.append(Problem("error", "max_steps", "0 steps trains nothing; use -1 to run for epochs, or a positive count"))
+    if t.max_steps > 0 and t.warmup_steps > t.max_steps:
+        out.append(
+            Problem(
+                "warning",
+                "warmup_steps",
+                f"{t.warmup_steps} warmup steps is longer than the run ({t.max_steps} steps): "
+                "the learning rate never reaches its peak; lower warmup_steps",
+            )
+        )
+    if t.warmup_steps > 0 and t.warmup_ratio > 0:
+        out.append(Problem("note", "warmup_ratio", "warmup_steps is set too, and wins"))
+    if t.max_steps > 0 and r.was_set("epochs"):
+        out.append(Problem("note", r.sources["epochs"].name, f"max_steps: {t.max_steps} decides the run's length"))
+    if r.config.data.max_input_length == 0:
+        out.append(Problem("error", "max_input_length", "0 tokens fits nothing; use -1 (the model's length) or e.g. 2048"))
+    return out
+
+
+@rule
+def stage_needs(r: "Resolved") -> list[Problem]:
+    c, d = r.config.finetuning, r.config.data
+    out = []
+    if c.stage in ("rm", "dpo") and d.dataset_format not in ("auto", "preference"):
+        out.append(
+            Problem(
+                "error",
+                "dataset_format",
+                f"stage {c.stage} learns from preference pairs, but dataset_format is {d.dataset_format}; "
+                "use dataset_format: preference (prompt, chosen, rejected)",
+            )
+        )
+    if c.stage == "ppo" and not c.reward_model:
+        out.append(
+            Problem("error", "reward_model", "stage ppo needs a reward model; train one with stage: rm and name its folder")
+        )
+    if c.stage == "ppo" and d.dataset_format in ("text", "preference"):
+        out.append(Problem("error", "dataset_format", f"stage ppo needs prompts, not {d.dataset_format} rows"))
+    if c.stage == "sft" and d.dataset_format == "text":
+        out.append(
+            Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")
+        )
+    if d.packing and c.stage not in ("pt", "sft"):
+        out.append(Problem("error", "packing", f"packing applies to pt and sft, not {c.stage}; set packing: false"))
+    if c.reward_model and c.stage != "ppo":
+        out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
+    dpo_only = _set_keys(r, ("pref_beta", "pref_loss"))
+    if dpo_only and c.stage != "dpo":
+        out.append(Problem("warning", ", ".join(dpo_only), f"ignored with stage: {c.stage}; they apply to dpo"))
+    return out
+
+
+@rule
+def data_settings(r: "Resolved") -> list[Problem]:
+    d = r.config.data
+    out = []
+    if d.chat_dataset and d.instruction_tuned:
+        out.append(
+            Problem("error", "chat_dataset", "chat_dataset and instruction_tuned are both true; a dataset is one or the other")
+        )
+    if d.add_input_output_demarcation_key and d.chat_dataset:
+        out.append(
+            Problem("warning", "add_input_output_demarcation_key", "ignored for chat data; it marks instruction prompts")
+        )
+    if d.dataset_weights and len(d.dataset_weights) != len(d.dataset):
+        out.append(
+            Problem(
+                "error",
+                "dataset_weights",
+                f"{len(d.dataset_weights)} weights for {len(d.dataset)} datasets; give one weight per dataset",
+            )
+        )
+    if any(w <= 0 for w in d.dataset_weights):
+        out.append(Problem("error", "dataset_weights", "weights must be above 0"))
+    if d.template is not None and d.template not in TEMPLATES:
+        out.append(
+            Problem(
+                "error",
+                "template",
+                f"no template named {d.template!r}; use one of {', '.join(TEMPLATES)}, or leave it unset "
+                "for the tokenizer's own chat template",
+            )
+        )
+    if r.config.finetuning.stage == "pt" and d.template is not None:
+        out.append(Problem("warning", "template", "ignored with stage: pt; raw text is trained as it is"))
+    base = Path(d.dataset_dir) if d.dataset_dir else Path(r.path).parent if r.path else Path(".")
+    for key, entries in (("dataset", d.dataset), ("validation_dataset", d.validation_dataset)):
+        for entry in entries:
+            where = entry if isinstance(entry, str) else entry.path
+            looks_local = where.endswith(DATA_SUFFIXES) or where.startswith((".", "/", "~"))
+            candidate = Path(where).expanduser()
+            if not candidate.is_absolute() and not candidate.exists():
+                candidate = base / candidate
+            if looks_local and not candidate.exists():
+                out.append(Problem("error", key, f"{where}: no such file or folder; check the path"))
+    if not d.dataset and not (d.chat_dataset or d.instruction_tuned):
+        out.append(Problem("note", "dataset", "no dataset given; `lmtune train` needs one (or a SageMaker train channel)"))
+    return out
+
+
+@rule
+def optimizer_settings(r: "Resolved") -> list[Problem]:
+    t = r.config.training
+    out = []
+    if t.nesterov and t.momentum == 0:
+        out.append(Problem("error", "nesterov", "Nesterov momentum needs momentum above 0 (e.g. momentum: 0.9)"))
+    if t.nesterov and t.optimizer != "sgd":
+        out.append(Problem("warning", "nesterov", f"ignored with optimizer: {t.optimizer}; it applies to sgd"))
+    if r.was_set("momentum") and t.optimizer not in ("sgd", "rmsprop"):
+        out.append(Problem("warning", "momentum", f"ignored with optimizer: {t.optimizer}; it applies to sgd and rmsprop"))
+    adam = _set_keys(r, ADAM_KEYS)
+    if adam and t.optimizer in ("sgd", "rmsprop"):
+        out.append(Problem("warning", ", ".join(adam), f"ignored with optimizer: {t.optimizer}; they apply to Adam"))
+    if t.optimizer == "adamw_8bit" and not installed("bitsandbytes"):
+        out.append(
+            Problem("error", "optimizer", "adamw_8bit needs bitsandbytes; `pip install 'lmtune[quant]'` or use adamw_torch")
+        )
+    if t.optimizer == "adamw_torch_fused" and not cuda_visible():
+        out.append(Problem("note", "optimizer", "no CUDA device here; the fused AdamW runs its CPU kernel"))
+    if r.was_set("lr_cycles") and t.lr_scheduler != "cosine_with_restarts":
+        out.append(Problem("warning", "lr_cycles", f"ignored with lr_scheduler: {t.lr_scheduler}"))
+    if r.was_set("lr_power") and t.lr_scheduler != "polynomial":
+        out.append(Problem("warning", "lr_power", f"ignored with lr_scheduler: {t.lr_scheduler}"))
+    if t.min_lr_ratio > 0 and t.lr_scheduler in ("constant", "constant_with_warmup"):
+        out.append(Problem("warning", "min_lr_ratio", f"ignored: lr_scheduler {t.lr_scheduler} does not decay"))
+    return out
+
+
+@rule
+def precision_settings(r: "Resolved") -> list[Problem]:
+    p = r.config.precision
+    out = []
+    if p.tf32 and not cuda_visible():
+        out.append(
+            Problem("note", "tf32", "TF32 is a CUDA matmul mode and no CUDA device is visible here; it has no effect on CPU")
+        )
+    if p.precision == "fp16" and not cuda_visible():
+        out.append(
+            Problem("note", "precision", "fp16 on CPU is slow and needs loss scaling; bf16 is the better CPU choice")
+        )
+    return out
+
+
+@rule
+def outputs_and_safety(r: "Resolved") -> list[Problem]:
+    m, o, s = r.config.model, r.config.output, r.config.sagemaker
+    out = []
+    if m.trust_remote_code:
+        out.append(
+            Problem("note", "trust_remote_code", "the model's own Python code will run while loading; use only trusted models")
+        )
+    if m.base_model is None:
+        out.append(Problem("note", "base_model", "no model given; `lmtune train` needs one (a folder, hub id or builtin:tiny)"))
+    resume = o.resume_from_checkpoint
+    if resume and resume != "latest" and not Path(resume).exists():
+        out.append(Problem("error", "resume_from_checkpoint", f"{resume}: no such checkpoint; give a folder or `latest`"))
+    level = s.sagemaker_container_log_level
+    if level is not None and not 0 <= level <= 50:
+        out.append(
+            Problem("error", "sagemaker_container_log_level", f"{level} is not a logging level; use 10, 20, 30, 40 or 50")
+        )
+    if r.config.distributed.fsdp_offload_params and not r.config.distributed.enable_fsdp:
+        out.append(Problem("warning", "fsdp_offload_params", "ignored: enable_fsdp is false"))
+    return out
+
+
+def check_rules(resolved: "Resolved") -> list[Problem]:
+    problems: list[Problem] = []
+    for fn in RULES:
+        problems += fn(resolved)
+    return problems

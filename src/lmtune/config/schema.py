@@ -1,0 +1,848 @@
+"""Every setting lmtune understands, one pydantic model per concern.
+
+A config file is flat (``learning_rate: 2e-4``, as in JumpStart, Axolotl and
+LLaMA-Factory); each flat key belongs to exactly one group below, so code reads
+``cfg.training.learning_rate``. Each field carries its own documentation and its
+names in the other tools, so ``explain``, the alias table and
+``docs/configuration.md`` all come from this one file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TOOLS = ("jumpstart", "axolotl", "llamafactory", "torchtune")
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    more: str = "",
+    less: str = "",
+    jumpstart: tuple[str, ...] = (),
+    axolotl: tuple[str, ...] = (),
+    llamafactory: tuple[str, ...] = (),
+    torchtune: tuple[str, ...] = (),
+    **constraints: Any,
+) -> Any:
+    """A schema field with the documentation `explain` prints.
+
+    ``more``/``less`` say what raising/lowering the value does; the tool tuples
+    are the names the same setting has elsewhere (they become plain renames in
+    the alias table).
+    """
+    extra = {
+        "more": more,
+        "less": less,
+        "names": {
+            "jumpstart": list(jumpstart),
+            "axolotl": list(axolotl),
+            "llamafactory": list(llamafactory),
+            "torchtune": list(torchtune),
+        },
+    }
+    return Field(default, description=doc, json_schema_extra=extra, **constraints)
+
+
+def _split_commas(value: Any) -> Any:
+    """LLaMA-Factory and SageMaker pass lists as 'a,b,c' strings."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelArgs(Group):
+    base_model: Optional[str] = setting(
+        None,
+        "The model to fine-tune: a local folder in Hugging Face format, a hub id "
+        "such as `meta-llama/Llama-3.1-8B`, or `builtin:tiny` for the small "
+        "offline model lmtune builds itself.",
+        jumpstart=("model_id",),
+        axolotl=("base_model",),
+        llamafactory=("model_name_or_path",),
+    )
+    tokenizer: Optional[str] = setting(
+        None,
+        "Where to load the tokenizer from, when it is not beside the model.",
+        axolotl=("tokenizer_config",),
+        llamafactory=("tokenizer_name_or_path",),
+    )
+    model_revision: Optional[str] = setting(
+        None,
+        "The hub branch, tag or commit of the model, for reproducible runs.",
+        axolotl=("revision_of_model",),
+        llamafactory=("model_revision",),
+    )
+    trust_remote_code: bool = setting(
+        False,
+        "Allow the model's repository to run its own Python code while loading. "
+        "Off unless you trust the source: the code runs with your permissions.",
+        axolotl=("trust_remote_code",),
+        llamafactory=("trust_remote_code",),
+    )
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]] = setting(
+        None,
+        "The attention kernel. Unset picks the fastest one that is correct for "
+        "the run (SDPA with a block-diagonal mask when packing).",
+        llamafactory=("flash_attn",),
+    )
+
+
+class FinetuningArgs(Group):
+    stage: Literal["pt", "sft", "rm", "dpo", "ppo"] = setting(
+        "sft",
+        "What is trained: `pt` continued pre-training on raw text, `sft` "
+        "supervised fine-tuning on responses, `rm` a reward model on preference "
+        "pairs, `dpo` direct preference optimisation, `ppo` reinforcement "
+        "learning against a reward model.",
+        llamafactory=("stage",),
+    )
+    method: Literal["full", "freeze", "lora", "qlora"] = setting(
+        "lora",
+        "Which weights change: `full` all of them, `freeze` only chosen layers "
+        "or modules, `lora` small low-rank adapters beside a frozen base, "
+        "`qlora` LoRA on a 4-bit quantised base.",
+        llamafactory=("finetuning_type",),
+    )
+    freeze_trainable_layers: int = setting(
+        2,
+        "With `method: freeze`: how many transformer layers are trained, counted "
+        "from the last (a negative number counts from the first).",
+        more="More layers train: closer to full fine-tuning, more memory.",
+        less="Fewer layers train: less memory, less capacity to adapt.",
+        llamafactory=("freeze_trainable_layers",),
+    )
+    freeze_trainable_modules: list[str] = setting(
+        ["all"],
+        "With `method: freeze`: which modules inside the trainable layers are "
+        "trained (`all`, or names such as `mlp`, `self_attn`).",
+        llamafactory=("freeze_trainable_modules",),
+    )
+    freeze_extra_modules: list[str] = setting(
+        [],
+        "With `method: freeze`: modules outside the layers to train too, such as "
+        "`embed_tokens` or `lm_head`.",
+        llamafactory=("freeze_extra_modules",),
+    )
+    lora_r: int = setting(
+        8,
+        "The rank of each LoRA adapter: how many directions of change it can learn.",
+        more="More capacity and more trainable parameters; past 64 rarely helps.",
+        less="Fewer parameters and less memory; below 4 the adapter may underfit.",
+        ge=1,
+        jumpstart=("lora_r",),
+        axolotl=("lora_r",),
+        llamafactory=("lora_rank",),
+        torchtune=("lora_rank",),
+    )
+    lora_alpha: Optional[float] = setting(
+        None,
+        "The LoRA scale numerator: the adapter's update is multiplied by "
+        "`lora_alpha / lora_r`. Unset means twice `lora_r`.",
+        more="Larger steps from the adapter, as if the learning rate were higher.",
+        less="Smaller adapter steps.",
+        gt=0,
+        jumpstart=("lora_alpha",),
+        axolotl=("lora_alpha",),
+        llamafactory=("lora_alpha",),
+        torchtune=("lora_alpha",),
+    )
+    lora_dropout: float = setting(
+        0.05,
+        "Dropout on the adapter's input during training.",
+        more="Stronger regularisation; helps small datasets, slows learning.",
+        less="Weaker regularisation; 0 turns it off.",
+        ge=0.0,
+        lt=1.0,
+        jumpstart=("lora_dropout",),
+        axolotl=("lora_dropout",),
+        llamafactory=("lora_dropout",),
+        torchtune=("lora_dropout",),
+    )
+    lora_target: list[str] = setting(
+        ["all"],
+        "Which linear layers get adapters: module names (`q_proj,v_proj`) or the "
+        "groups `attention` (q/k/v/o projections), `mlp` or `ff` (feed-forward "
+        "projections) and `all` (every linear layer but the output head).",
+        axolotl=("lora_target_modules",),
+        llamafactory=("lora_target",),
+        torchtune=("lora_attn_modules",),
+    )
+    lora_modules_to_save: list[str] = setting(
+        [],
+        "Modules trained in full and saved beside the adapter (for example "
+        "`embed_tokens`, `lm_head` when new tokens are added).",
+        axolotl=("lora_modules_to_save",),
+        llamafactory=("additional_target",),
+    )
+    int8_quantization: bool = setting(
+        False,
+        "Load the frozen base in 8-bit (bitsandbytes LLM.int8) under LoRA "
+        "adapters, halving its memory against bf16.",
+        jumpstart=("int8_quantization",),
+        axolotl=("load_in_8bit",),
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = setting(
+        "nf4",
+        "With `method: qlora`: the 4-bit number format of the base. NF4 fits "
+        "normally distributed weights and is the usual choice.",
+        llamafactory=("quantization_type",),
+    )
+    bnb_4bit_double_quant: bool = setting(
+        True,
+        "With `method: qlora`: also quantise the quantisation constants, saving "
+        "about 0.4 bits per parameter.",
+        llamafactory=("double_quantization",),
+    )
+    pref_beta: float = setting(
+        0.1,
+        "With `dpo`: how strongly the policy is held near the reference model.",
+        more="Stays closer to the reference; safer, learns the preference less.",
+        less="Follows the preference data harder; can drift or degrade.",
+        gt=0.0,
+        llamafactory=("pref_beta",),
+        axolotl=("rl_beta",),
+    )
+    pref_loss: Literal["sigmoid", "hinge", "ipo"] = setting(
+        "sigmoid",
+        "With `dpo`: the preference loss (`sigmoid` is the original DPO).",
+        llamafactory=("pref_loss",),
+    )
+    reward_model: Optional[str] = setting(
+        None,
+        "With `ppo`: the reward model (a run folder of an `rm` stage, or a model "
+        "path) that scores the policy's answers.",
+        llamafactory=("reward_model",),
+    )
+    ppo_epochs: int = setting(
+        4,
+        "With `ppo`: optimisation passes over each batch of rollouts.",
+        ge=1,
+        llamafactory=("ppo_epochs",),
+    )
+    ppo_buffer_size: int = setting(
+        1,
+        "With `ppo`: rollout batches collected before each optimisation phase.",
+        ge=1,
+        llamafactory=("ppo_buffer_size",),
+    )
+    ppo_kl_coef: float = setting(
+        0.05,
+        "With `ppo`: weight of the KL penalty to the reference model in the reward.",
+        ge=0.0,
+    )
+    ppo_clip_range: float = setting(
+        0.2,
+        "With `ppo`: how far one update may move the policy's probability ratio.",
+        gt=0.0,
+    )
+    ppo_target_kl: Optional[float] = setting(
+        None,
+        "With `ppo`: stop a phase early when the KL to the rollout policy passes this.",
+        gt=0.0,
+        llamafactory=("ppo_target",),
+    )
+
+    _lists = field_validator(
+        "lora_target", "lora_modules_to_save", "freeze_trainable_modules", "freeze_extra_modules", mode="before"
+    )(_split_commas)
+
+
+DatasetFormat = Literal["auto", "text", "instruction", "chat", "preference", "prompt"]
+
+
+class DatasetSpec(Group):
+    """One dataset of a run, when a plain path is not enough."""
+
+    path: str
+    format: DatasetFormat = "auto"
+    columns: dict[str, str] = {}
+    weight: Optional[float] = Field(None, gt=0)
+    split: str = "train"
+
+
+class DataArgs(Group):
+    dataset: list[Union[str, DatasetSpec]] = setting(
+        [],
+        "Training data: files (`.json`, `.jsonl`, `.csv`, `.parquet`, `.txt`), "
+        "folders of them, a `datasets.save_to_disk` folder or a hub dataset id; "
+        "several at once as a list.",
+        axolotl=("datasets",),
+        llamafactory=("dataset",),
+    )
+    validation_dataset: list[Union[str, DatasetSpec]] = setting(
+        [],
+        "Validation data, in the same forms as `dataset`. When empty, "
+        "`validation_split_ratio` carves it out of the training data.",
+        axolotl=("test_datasets",),
+        llamafactory=("eval_dataset",),
+    )
+    dataset_dir: Optional[str] = setting(
+        None,
+        "Folder that relative dataset paths are read from.",
+        llamafactory=("dataset_dir",),
+    )
+    dataset_format: DatasetFormat = setting(
+        "auto",
+        "How rows are read: `text`, `instruction` (alpaca), `chat` (messages or "
+        "ShareGPT), `preference` (prompt/chosen/rejected) or `prompt`; `auto` "
+        "detects it from the columns.",
+    )
+    dataset_columns: dict[str, str] = setting(
+        {},
+        "Column renames for odd data, as `{lmtune_name: your_column}` (for "
+        "example `{instruction: question, output: answer}`).",
+        llamafactory=("columns",),
+    )
+    dataset_weights: list[float] = setting(
+        [],
+        "Mixing weights when several datasets are given, one per dataset.",
+        llamafactory=("interleave_probs",),
+    )
+    template: Optional[str] = setting(
+        None,
+        "The prompt format: `llama3`, `chatml`, `mistral`, `alpaca`, `plain`, or "
+        "unset for the tokenizer's own chat template.",
+        axolotl=("chat_template",),
+        llamafactory=("template",),
+    )
+    chat_dataset: bool = setting(
+        False,
+        "JumpStart: the training rows are dialogs (`dialog` lists of role/content turns).",
+        jumpstart=("chat_dataset",),
+    )
+    instruction_tuned: bool = setting(
+        False,
+        "JumpStart: the training rows are instructions rendered through the "
+        "`template.json` found beside the data.",
+        jumpstart=("instruction_tuned",),
+    )
+    add_input_output_demarcation_key: bool = setting(
+        False,
+        "Put explicit markers between the prompt and the response of instruction "
+        "data, so the model sees exactly where its answer starts.",
+        jumpstart=("add_input_output_demarcation_key",),
+    )
+    train_on_inputs: bool = setting(
+        False,
+        "Also learn from the prompt tokens, not only from the responses.",
+        axolotl=("train_on_inputs",),
+        llamafactory=("train_on_prompt",),
+    )
+    max_input_length: int = setting(
+        -1,
+        "Longest tokenised example, in tokens; -1 means the model's context length.",
+        more="Longer examples fit whole; memory and time per step grow with it.",
+        less="Less memory per step; more examples are truncated or dropped.",
+        ge=-1,
+        jumpstart=("max_input_length",),
+        axolotl=("sequence_len",),
+        llamafactory=("cutoff_len",),
+        torchtune=("max_seq_len",),
+    )
+    truncation: Literal["keep_response", "truncate_end", "drop"] = setting(
+        "keep_response",
+        "What happens to an example longer than `max_input_length`: "
+        "`keep_response` cuts the prompt from the left and keeps the answer, "
+        "`truncate_end` cuts the end, `drop` leaves the example out (counted).",
+    )
+    max_train_samples: int = setting(
+        -1,
+        "Use at most this many training examples (after the split); -1 means all.",
+        ge=-1,
+        jumpstart=("max_train_samples",),
+        llamafactory=("max_samples",),
+    )
+    max_val_samples: int = setting(
+        -1,
+        "Use at most this many validation examples; -1 means all.",
+        ge=-1,
+        jumpstart=("max_val_samples",),
+    )
+    validation_split_ratio: float = setting(
+        0.0,
+        "Fraction of the training rows held out for validation when no "
+        "`validation_dataset` is given; 0 holds out none.",
+        more="A steadier validation loss, fewer rows to train on.",
+        less="More training rows, a noisier validation loss.",
+        ge=0.0,
+        lt=1.0,
+        jumpstart=("validation_split_ratio",),
+        axolotl=("val_set_size",),
+        llamafactory=("val_size",),
+    )
+    train_data_split_seed: int = setting(
+        0,
+        "Seed of the train/validation split alone, so the split stays the same "
+        "when the training seed changes.",
+        jumpstart=("train_data_split_seed",),
+    )
+    preprocessing_num_workers: Optional[int] = setting(
+        None,
+        "Processes that tokenise the data; unset means one.",
+        ge=1,
+        jumpstart=("preprocessing_num_workers",),
+        axolotl=("dataset_processes",),
+        llamafactory=("preprocessing_num_workers",),
+    )
+    overwrite_cache: bool = setting(
+        False,
+        "Rebuild the tokenised-data cache even when a matching one exists.",
+        llamafactory=("overwrite_cache",),
+    )
+    cache_dir: Optional[str] = setting(
+        None,
+        "Where tokenised data is cached; unset means `.lmtune-cache` in the current folder.",
+        axolotl=("dataset_prepared_path",),
+        llamafactory=("tokenized_path",),
+    )
+    packing: bool = setting(
+        False,
+        "Put several examples in one sequence, each attending only to itself, so "
+        "no compute is spent on padding.",
+        axolotl=("sample_packing",),
+        llamafactory=("packing",),
+        torchtune=("packed",),
+    )
+    group_by_length: bool = setting(
+        False,
+        "Batch examples of similar length together to reduce padding.",
+        axolotl=("group_by_length",),
+    )
+
+    _lists = field_validator("dataset", "validation_dataset", mode="before")(_split_commas)
+
+
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adam", "sgd", "rmsprop", "adafactor", "adamw_8bit"]
+Scheduler = Literal["cosine", "linear", "polynomial", "constant", "constant_with_warmup", "cosine_with_restarts"]
+
+
+class TrainingArgs(Group):
+    epochs: float = setting(
+        1.0,
+        "Passes over the training data (ignored when `max_steps` is set).",
+        more="More passes; past a few, small datasets start to be memorised.",
+        less="Fewer passes; fractions train on part of an epoch.",
+        gt=0,
+        jumpstart=("epoch",),
+        axolotl=("num_epochs",),
+        llamafactory=("num_train_epochs",),
+        torchtune=("epochs",),
+    )
+    max_steps: int = setting(
+        -1,
+        "Stop after this many optimizer steps; -1 means run for `epochs`.",
+        ge=-1,
+        axolotl=("max_steps",),
+        llamafactory=("max_steps",),
+        torchtune=("max_steps_per_epoch",),
+    )
+    learning_rate: float = setting(
+        1e-4,
+        "Peak step size of the optimizer.",
+        more="Faster learning, until the loss becomes unstable or diverges.",
+        less="Steadier but slower learning; too small and nothing moves.",
+        jumpstart=("learning_rate",),
+        axolotl=("learning_rate",),
+        llamafactory=("learning_rate",),
+        torchtune=("lr",),
+    )
+    micro_batch_size: int = setting(
+        1,
+        "Examples per forward/backward pass on each device.",
+        more="Better use of the hardware, more memory per step.",
+        less="Less memory; use `gradient_accumulation_steps` to keep the batch size.",
+        ge=1,
+        jumpstart=("per_device_train_batch_size",),
+        axolotl=("micro_batch_size",),
+        llamafactory=("per_device_train_batch_size",),
+        torchtune=("batch_size",),
+    )
+    gradient_accumulation_steps: int = setting(
+        1,
+        "Micro batches whose gradients add up to one optimizer step. The loss is "
+        "normalised over the tokens of the whole accumulated batch.",
+        more="A larger effective batch without more memory; fewer steps per epoch.",
+        less="More, noisier optimizer steps.",
+        ge=1,
+        jumpstart=("gradient_accumulation_steps",),
+        axolotl=("gradient_accumulation_steps",),
+        llamafactory=("gradient_accumulation_steps",),
+        torchtune=("gradient_accumulation_steps",),
+    )
+    optimizer: Optimizer = setting(
+        "adamw_torch",
+        "The optimizer: `adamw_torch` (AdamW), `adamw_torch_fused` (the fused "
+        "CUDA kernel), `adam`, `sgd`, `rmsprop`, `adafactor`, `adamw_8bit` "
+        "(bitsandbytes, 8-bit states).",
+        axolotl=("optimizer",),
+        llamafactory=("optim",),
+    )
+    adam_beta1: float = setting(
+        0.9,
+        "Adam's first-moment decay: how long the running mean of gradients remembers.",
+        more="Smoother, slower-reacting steps.",
+        less="Steps follow recent gradients more closely.",
+        ge=0.0,
+        lt=1.0,
+        axolotl=("adam_beta1",),
+        llamafactory=("adam_beta1",),
+    )
+    adam_beta2: float = setting(
+        0.999,
+        "Adam's second-moment decay: how long the running gradient scale remembers.",
+        more="A steadier scale estimate; slow to react to gradient spikes.",
+        less="The scale forgets faster; large-model recipes use 0.95 for stability.",
+        ge=0.0,
+        lt=1.0,
+        axolotl=("adam_beta2",),
+        llamafactory=("adam_beta2",),
+    )
+    adam_epsilon: float = setting(
+        1e-8,
+        "Added to Adam's denominator to avoid division by tiny numbers.",
+        more="Damps steps of parameters with tiny gradients; very large values make Adam behave like SGD.",
+        less="Closer to pure Adam; too small can be unstable in fp16.",
+        gt=0.0,
+        axolotl=("adam_epsilon",),
+        llamafactory=("adam_epsilon",),
+    )
+    weight_decay: float = setting(
+        0.0,
+        "Decoupled weight decay: pulls weights towards zero each step.",
+        more="Stronger regularisation.",
+        less="Weaker regularisation; 0 turns it off.",
+        ge=0.0,
+        jumpstart=("weight_decay",),
+        axolotl=("weight_decay",),
+        llamafactory=("weight_decay",),
+        torchtune=("weight_decay",),
+    )
+    momentum: float = setting(
+        0.0,
+        "With `sgd` or `rmsprop`: the momentum factor.",
+        ge=0.0,
+        lt=1.0,
+    )
+    nesterov: bool = setting(False, "With `sgd`: use Nesterov momentum (needs `momentum` > 0).")
+    max_grad_norm: float = setting(
+        1.0,
+        "Clip the global gradient norm to this before each step; 0 turns clipping off.",
+        more="Clips less often; big gradients pass through.",
+        less="Clips more often; steadier but can slow learning.",
+        ge=0.0,
+        axolotl=("max_grad_norm",),
+        llamafactory=("max_grad_norm",),
+        torchtune=("clip_grad_norm",),
+    )
+    lr_scheduler: Scheduler = setting(
+        "linear",
+        "How the learning rate changes over the run after warmup.",
+        axolotl=("lr_scheduler",),
+        llamafactory=("lr_scheduler_type",),
+    )
+    lr_cycles: float = setting(
+        1.0,
+        "With `cosine_with_restarts`: how many cosine cycles the run has.",
+        gt=0,
+    )
+    lr_power: float = setting(1.0, "With `polynomial`: the power of the decay.", gt=0)
+    min_lr_ratio: float = setting(
+        0.0,
+        "The learning rate at the end of a decaying schedule, as a fraction of the peak.",
+        ge=0.0,
+        lt=1.0,
+        axolotl=("cosine_min_lr_ratio",),
+    )
+    warmup_steps: int = setting(
+        0,
+        "Steps over which the learning rate rises from 0 to its peak.",
+        ge=0,
+        axolotl=("warmup_steps",),
+        llamafactory=("warmup_steps",),
+        torchtune=("num_warmup_steps",),
+    )
+    warmup_ratio: float = setting(
+        0.0,
+        "Warmup as a fraction of all steps (used when `warmup_steps` is 0).",
+        ge=0.0,
+        lt=1.0,
+        axolotl=("warmup_ratio",),
+        llamafactory=("warmup_ratio",),
+    )
+    early_stopping_patience: Optional[int] = setting(
+        None,
+        "Stop after this many evaluations without improvement; unset disables early stopping.",
+        ge=1,
+        jumpstart=("early_stopping_patience",),
+        axolotl=("early_stopping_patience",),
+    )
+    early_stopping_min_delta: float = setting(
+        0.0,
+        "The smallest change of the metric that counts as an improvement.",
+        ge=0.0,
+        jumpstart=("early_stopping_threshold",),
+    )
+    early_stopping_metric: str = setting(
+        "eval_loss",
+        "The metric early stopping and the best checkpoint are judged on (lower is better for losses).",
+    )
+    dropout: Optional[float] = setting(
+        None,
+        "Dropout inside the model (attention and hidden); unset keeps the model's own value.",
+        ge=0.0,
+        lt=1.0,
+    )
+    seed: int = setting(
+        42,
+        "Seed of every random choice in training (weights of new modules, dropout, shuffling).",
+        jumpstart=("seed",),
+        axolotl=("seed",),
+        llamafactory=("seed",),
+        torchtune=("seed",),
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "Recompute activations in the backward pass instead of storing them: "
+        "much less memory for about a third more compute.",
+        jumpstart=("gradient_checkpointing",),
+        axolotl=("gradient_checkpointing",),
+        torchtune=("enable_activation_checkpointing",),
+    )
+    torch_compile: bool = setting(
+        False,
+        "Compile the model with `torch.compile` for speed (slower start).",
+        axolotl=("torch_compile",),
+        torchtune=("compile",),
+    )
+
+
+class EvaluationArgs(Group):
+    eval_strategy: Optional[Literal["no", "steps", "epoch"]] = setting(
+        None,
+        "When to evaluate: every `eval_steps`, at each epoch's end, or never. "
+        "Unset evaluates each epoch when there is validation data.",
+        llamafactory=("eval_strategy",),
+    )
+    eval_steps: Optional[int] = setting(
+        None,
+        "Evaluate every this many optimizer steps.",
+        ge=1,
+        axolotl=("eval_steps",),
+        llamafactory=("eval_steps",),
+    )
+    evals_per_epoch: Optional[int] = setting(
+        None,
+        "Evaluate this many times per epoch, evenly spaced.",
+        ge=1,
+        axolotl=("evals_per_epoch",),
+    )
+    per_device_eval_batch_size: int = setting(
+        1,
+        "Examples per forward pass on each device during evaluation.",
+        ge=1,
+        jumpstart=("per_device_eval_batch_size",),
+        axolotl=("eval_batch_size",),
+        llamafactory=("per_device_eval_batch_size",),
+    )
+
+
+class PrecisionArgs(Group):
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32",
+        "Number format of the computation: `fp32` full precision, `bf16` mixed "
+        "precision with bfloat16, `fp16` mixed precision with float16 and loss scaling.",
+        torchtune=("dtype",),
+    )
+    tf32: bool = setting(
+        False,
+        "Let fp32 matrix products use TF32 tensor cores on Ampere or newer NVIDIA "
+        "GPUs: much faster, about 3 decimal digits of precision. CUDA only.",
+        axolotl=("tf32",),
+        llamafactory=("tf32",),
+    )
+
+
+class DistributedArgs(Group):
+    enable_fsdp: bool = setting(
+        False,
+        "Shard parameters, gradients and optimizer states across devices with "
+        "PyTorch FSDP, so models too large for one device can train.",
+        jumpstart=("enable_fsdp",),
+    )
+    fsdp_sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = setting(
+        "full_shard",
+        "With FSDP: what is sharded. `full_shard` shards everything (least "
+        "memory), `shard_grad_op` keeps parameters whole between passes, "
+        "`hybrid_shard` shards within a host and replicates across hosts.",
+    )
+    fsdp_offload_params: bool = setting(
+        False,
+        "With FSDP: keep sharded parameters on the CPU between uses.",
+    )
+    ddp_timeout: int = setting(
+        1800,
+        "Seconds a process waits for the others before the run fails.",
+        ge=1,
+        llamafactory=("ddp_timeout",),
+    )
+
+
+class OutputArgs(Group):
+    output_dir: str = setting(
+        "runs/lmtune",
+        "The run folder: resolved config, metrics, plots, checkpoints and the final model.",
+        axolotl=("output_dir",),
+        llamafactory=("output_dir",),
+    )
+    overwrite_output_dir: bool = setting(
+        False,
+        "Start over in an output folder that already holds a run.",
+        llamafactory=("overwrite_output_dir",),
+    )
+    logging_steps: int = setting(
+        10,
+        "Log training metrics every this many optimizer steps.",
+        ge=1,
+        axolotl=("logging_steps",),
+        llamafactory=("logging_steps",),
+        torchtune=("log_every_n_steps",),
+    )
+    save_steps: Optional[int] = setting(
+        None,
+        "Save a checkpoint every this many optimizer steps; unset saves at each epoch's end.",
+        ge=1,
+        axolotl=("save_steps",),
+        llamafactory=("save_steps",),
+    )
+    save_total_limit: int = setting(
+        2,
+        "Keep only this many most recent checkpoints (the best one is always kept).",
+        ge=1,
+        axolotl=("save_total_limit",),
+        llamafactory=("save_total_limit",),
+    )
+    resume_from_checkpoint: Optional[str] = setting(
+        None,
+        "Continue a run: a checkpoint folder, or `latest`.",
+        axolotl=("resume_from_checkpoint",),
+        llamafactory=("resume_from_checkpoint",),
+    )
+    report_to: list[Literal["none", "tensorboard", "jsonl"]] = setting(
+        ["jsonl"],
+        "Where metrics go besides the progress bar: `jsonl` (always written), `tensorboard`.",
+        llamafactory=("report_to",),
+    )
+    plot_loss: bool = setting(
+        True,
+        "Draw the train and eval loss curves to `plots/loss.png` at the end.",
+        llamafactory=("plot_loss",),
+    )
+
+    _lists = field_validator("report_to", mode="before")(_split_commas)
+
+
+class GenerationArgs(Group):
+    max_new_tokens: int = setting(
+        128,
+        "Longest answer generated by `chat`, `eval` and `ppo` rollouts, in tokens.",
+        ge=1,
+        llamafactory=("max_new_tokens",),
+    )
+    do_sample: bool = setting(
+        False,
+        "Sample answers instead of always taking the most likely token.",
+        llamafactory=("do_sample",),
+    )
+    temperature: float = setting(
+        1.0,
+        "With sampling: how flat the token distribution is made.",
+        more="More varied, less reliable answers.",
+        less="More predictable answers.",
+        gt=0.0,
+        llamafactory=("temperature",),
+    )
+    top_p: float = setting(
+        1.0,
+        "With sampling: sample only from the smallest set of tokens whose probability adds up to this.",
+        gt=0.0,
+        le=1.0,
+        llamafactory=("top_p",),
+    )
+    top_k: int = setting(
+        50,
+        "With sampling: sample only from this many most likely tokens (0 = no limit).",
+        ge=0,
+        llamafactory=("top_k",),
+    )
+    repetition_penalty: float = setting(
+        1.0,
+        "Lower the odds of tokens already generated (1 = no penalty).",
+        gt=0.0,
+        llamafactory=("repetition_penalty",),
+    )
+
+
+class SageMakerArgs(Group):
+    """Reserved hyperparameters a SageMaker job passes along; recorded, not used for training."""
+
+    sagemaker_job_name: Optional[str] = setting(None, "SageMaker: the training job's name (recorded).")
+    sagemaker_program: Optional[str] = setting(None, "SageMaker: the entry script's name (recorded).")
+    sagemaker_region: Optional[str] = setting(None, "SageMaker: the AWS region of the job (recorded).")
+    sagemaker_submit_directory: Optional[str] = setting(
+        None, "SageMaker: where the job's source archive came from (recorded)."
+    )
+    sagemaker_container_log_level: Optional[int] = setting(
+        None, "SageMaker: Python logging level of the container (10 debug ... 40 error); sets lmtune's log level."
+    )
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelArgs = ModelArgs()
+    finetuning: FinetuningArgs = FinetuningArgs()
+    data: DataArgs = DataArgs()
+    training: TrainingArgs = TrainingArgs()
+    evaluation: EvaluationArgs = EvaluationArgs()
+    precision: PrecisionArgs = PrecisionArgs()
+    distributed: DistributedArgs = DistributedArgs()
+    output: OutputArgs = OutputArgs()
+    generation: GenerationArgs = GenerationArgs()
+    sagemaker: SageMakerArgs = SageMakerArgs()
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting under its flat key, as a config file writes it."""
+        out: dict[str, Any] = {}
+        for group in GROUPS:
+            out.update(getattr(self, group).model_dump(mode="json"))
+        return out
+
+
+GROUPS: dict[str, type[Group]] = {
+    name: field.annotation for name, field in Config.model_fields.items()  # type: ignore[misc]
+}
+
+# flat key -> group name; a key in two groups would make the flat file ambiguous.
+KEY_GROUP: dict[str, str] = {}
+for _group, _cls in GROUPS.items():
+    for _key in _cls.model_fields:
+        assert _key not in KEY_GROUP, f"setting {_key} is defined in two groups"
+        KEY_GROUP[_key] = _group
+
+
+def field_info(key: str):
+    return GROUPS[KEY_GROUP[key]].model_fields[key]
+
+
+def default_of(key: str) -> Any:
+    info = field_info(key)
+    default = info.get_default(call_default_factory=True)
+    return default
