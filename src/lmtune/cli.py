@@ -115,6 +115,74 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that mean a mistake in the config, data or model choice: one line, no traceback."""
+    from .config.load import ConfigError
+    from .data.records import DataError
+    from .engine.loop import TrainingError
+    from .model.load import ModelError
+    from .stages import StageNotAvailable
+
+    return (ConfigError, DataError, ModelError, TrainingError, StageNotAvailable)
+
+
+def _valid_config(args: argparse.Namespace):
+    from .config.load import resolve
+
+    resolved = resolve(args.config, args.set)
+    if resolved.errors or resolved.config is None:
+        _print_problems(resolved.errors, sys.stderr)
+        print(f"FAILED: fix the errors above (lmtune check {args.config} lists everything)", file=sys.stderr)
+        return None
+    for problem in resolved.problems:
+        if problem.level == "warning":
+            print(str(problem), file=sys.stderr)
+    return resolved.config
+
+
+@command("train")
+def run_train(args: argparse.Namespace) -> int:
+    config = _valid_config(args)
+    if config is None:
+        return 1
+    errors = _user_errors()
+    from .engine.loop import train
+
+    try:
+        result = train(config, Path(args.config).resolve().parent, resume=args.resume)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} trained tokens/s)")
+    if result.train_loss is not None:
+        print(f"  last train loss {result.train_loss:.4f}" + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    if result.best_checkpoint:
+        print(f"  best checkpoint: {result.best_checkpoint}")
+    print(f"  model: {result.final_dir}")
+    plot = result.run_dir / "plots" / "loss.png"
+    if plot.exists():
+        print(f"  loss curve: {plot}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+@command("data")
+def run_data(args: argparse.Namespace) -> int:
+    config = _valid_config(args)
+    if config is None:
+        return 1
+    errors = _user_errors()
+    from .data.inspect import show_data
+
+    try:
+        show_data(config, Path(args.config).resolve().parent, args.show)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmtune",
@@ -136,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="a setting name (any tool's) or a config file")
     with_overrides(p)
     p.add_argument("--markdown", action="store_true", help="print the full reference as Markdown")
+
+    p = sub.add_parser("train", help="fine-tune a model as the config says")
+    p.add_argument("config")
+    with_overrides(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run in output_dir from its latest checkpoint, or from CHECKPOINT")
+
+    p = sub.add_parser("data", help="what the data step makes of your files, without training")
+    p.add_argument("config")
+    with_overrides(p)
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered examples, trained tokens highlighted")
     return parser
 
 

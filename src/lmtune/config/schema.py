@@ -87,6 +87,11 @@ class ModelArgs(Group):
         axolotl=("trust_remote_code",),
         llamafactory=("trust_remote_code",),
     )
+    allow_pickle_weights: bool = setting(
+        False,
+        "Load pickle (`.bin`) weights when a model has no safetensors. Pickle files "
+        "can run code when loaded: only for files you trust.",
+    )
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2", "flex_attention"]] = setting(
         None,
         "The attention kernel. Unset picks the fastest one that is correct for "

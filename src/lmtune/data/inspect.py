@@ -1,0 +1,72 @@
+"""`lmtune data`: what the data step makes of the user's files, shown before any training."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..config.schema import Config
+from .batches import IGNORE, Batches
+from .pipeline import prepare
+
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def percentiles(lengths: list[int]) -> str:
+    if not lengths:
+        return "none"
+    marks = np.percentile(lengths, [50, 90, 99, 100]).astype(int)
+    return f"median {marks[0]}, p90 {marks[1]}, p99 {marks[2]}, max {marks[3]}"
+
+
+def highlight(tokenizer: Any, ids: Any, labels: Any, color: bool) -> str:
+    """The example as text; trained tokens green on a terminal, else inside [[ ]]."""
+    out, run, trained = [], [], None
+    for token, label in zip(list(ids), list(labels)):
+        is_trained = label != IGNORE
+        if trained is not None and is_trained != trained:
+            out.append((tokenizer.decode(run), trained))
+            run = []
+        run.append(int(token))
+        trained = is_trained
+    if run:
+        out.append((tokenizer.decode(run), trained))
+    if color:
+        return "".join(f"{GREEN}{text}{RESET}" if t else text for text, t in out)
+    return "".join(f"[[{text}]]" if t else text for text, t in out)
+
+
+def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
+    from transformers import AutoConfig
+
+    from ..model.load import context_length, load_tokenizer, model_location
+
+    tokenizer = load_tokenizer(config)
+    m = config.model
+    model_config = AutoConfig.from_pretrained(
+        model_location(m.base_model), revision=m.model_revision, trust_remote_code=m.trust_remote_code
+    )
+    data = prepare(config, tokenizer, context_length(model_config), config_dir)
+    for line in data.summary.lines():
+        print(line)
+    field = "input_ids" if data.train and "input_ids" in data.train[0] else "chosen_input_ids"
+    lengths = [len(e[field]) for e in data.train]
+    print(f"tokens per example: {percentiles(lengths)}")
+    if field == "input_ids":
+        size = config.training.micro_batch_size
+        padded = Batches(data.train, size, tokenizer.pad_token_id, seed=config.training.seed)
+        packed = Batches(data.train, size, tokenizer.pad_token_id, packing_length=data.summary.max_len, seed=config.training.seed)
+        print(f"padding: {padded.padding_fraction():.1%} of positions in batches of {size}; {packed.padding_fraction():.1%} with packing")
+    color = sys.stdout.isatty()
+    for number, example in enumerate(data.train[:show], 1):
+        print(f"\n--- example {number} ({'trained tokens in green' if color else 'trained tokens in [[ ]]'})")
+        if "labels" in example:
+            print(highlight(tokenizer, example["input_ids"], example["labels"], color))
+        elif "chosen_input_ids" in example:
+            print("chosen:   " + highlight(tokenizer, example["chosen_input_ids"], example["chosen_labels"], color))
+            print("rejected: " + highlight(tokenizer, example["rejected_input_ids"], example["rejected_labels"], color))
+        else:
+            print(tokenizer.decode(list(example["input_ids"])))

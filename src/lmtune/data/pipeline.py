@@ -1,0 +1,306 @@
+"""The data step of a run: read, normalise, mix, split, cap, tokenise, cache.
+
+`prepare()` returns tokenised train/validation examples and a summary that
+accounts for every row read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config.schema import Config, DatasetSpec
+from . import cache
+from .records import (
+    FORMAT_COLUMNS,
+    DataError,
+    Row,
+    data_files,
+    detect_format,
+    jumpstart_template,
+    normalise,
+    read_rows,
+    render_jumpstart,
+    rename_columns,
+)
+from .templates import pick_renderer
+from .tokenize import tokenize_records
+
+DATA_VERSION = "1"
+
+# The record kinds each stage can learn from.
+STAGE_KINDS = {
+    "pt": {"text"},
+    "sft": {"chat", "completion"},
+    "rm": {"preference"},
+    "dpo": {"preference"},
+    "ppo": {"prompt", "chat"},
+}
+
+
+@dataclass
+class Summary:
+    rows_read: int = 0
+    train_rows: int = 0
+    val_rows: int = 0
+    capped: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # kept / truncated / dropped: why
+    train_examples: int = 0
+    val_examples: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    from_cache: bool = False
+    max_len: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"rows read: {self.rows_read} ({', '.join(f'{n} {k}' for k, n in self.formats.items())})"]
+        out.append(f"split: {self.train_rows} train, {self.val_rows} validation")
+        for which, n in self.capped.items():
+            out.append(f"capped: {n} {which} rows left out by max_{which}_samples")
+        for outcome, n in sorted(self.outcomes.items()):
+            out.append(f"{outcome}: {n}")
+        out.append(f"examples: {self.train_examples} train, {self.val_examples} validation (max {self.max_len} tokens)")
+        out.append("tokenised data: " + ("from cache" if self.from_cache else "built and cached"))
+        return out
+
+
+@dataclass
+class Prepared:
+    train: list[dict[str, list[int]]]
+    val: list[dict[str, list[int]]]
+    summary: Summary
+
+
+def _entries(config: Config, which: str) -> list[DatasetSpec]:
+    d = config.data
+    items = d.dataset if which == "train" else d.validation_dataset
+    return [DatasetSpec(path=e, format=d.dataset_format) if isinstance(e, str) else e for e in items]
+
+
+def _base_dir(config: Config, config_dir: Optional[Path]) -> Optional[Path]:
+    if config.data.dataset_dir:
+        return Path(config.data.dataset_dir)
+    return config_dir
+
+
+def _records_of(spec: DatasetSpec, config: Config, base: Optional[Path], formats: Counter) -> list[dict[str, Any]]:
+    d = config.data
+    columns = {**d.dataset_columns, **spec.columns}
+    template = None
+    if d.instruction_tuned:
+        files = data_files(spec.path, base)
+        folder = files[0].parent if files else None
+        template = jumpstart_template(folder) if folder else None
+        if template is None:
+            raise DataError(f"{spec.path}: instruction_tuned is true but there is no template.json beside the data")
+    records: list[dict[str, Any]] = []
+    fmt: Optional[str] = None if spec.format == "auto" else spec.format
+    for row in read_rows(spec.path, base, spec.split):
+        values = rename_columns(row.values, columns)
+        row = Row(values, row.where)
+        if template is not None:
+            records.append(render_jumpstart(row, template))
+            formats["instruction (template.json)"] += 1
+            continue
+        if fmt is None:
+            fmt = detect_format(set(values))
+            if fmt is None:
+                expected = "; ".join(f"{k}: {v}" for k, v in FORMAT_COLUMNS.items())
+                raise DataError(
+                    f"{row.where}: cannot tell the format from the columns {sorted(values)}; expected {expected}. "
+                    "Map odd names with dataset_columns or set dataset_format"
+                )
+        records.append(normalise(row, fmt))
+        formats[fmt] += 1
+    return records
+
+
+def _mix(groups: list[list[dict[str, Any]]], weights: list[float], seed: int) -> list[dict[str, Any]]:
+    """Resample datasets to the given shares of the total row count (repeating small ones)."""
+    if not weights:
+        return [r for g in groups for r in g]
+    total = sum(len(g) for g in groups)
+    rng = random.Random(seed)
+    out = []
+    for group, weight in zip(groups, weights):
+        want = round(total * weight / sum(weights))
+        if not group:
+            continue
+        repeats, rest = divmod(want, len(group))
+        out += group * repeats + rng.sample(group, rest)
+    return out
+
+
+def split_rows(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of train and validation rows; the same seed always gives the same split."""
+    if ratio <= 0 or n < 2:
+        return list(range(n)), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * ratio)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[list, list, Summary]:
+    """Canonical train and validation records after mixing, split and caps."""
+    d = config.data
+    base = _base_dir(config, config_dir)
+    summary = Summary()
+    formats: Counter = Counter()
+    if not d.dataset:
+        raise DataError("dataset: no training data given; set `dataset:` to a file, folder or hub id")
+    groups = [_records_of(spec, config, base, formats) for spec in _entries(config, "train")]
+    summary.rows_read = sum(len(g) for g in groups)
+    records = _mix(groups, d.dataset_weights, d.train_data_split_seed)
+    if d.validation_dataset:
+        val = [r for spec in _entries(config, "validation") for r in _records_of(spec, config, base, formats)]
+        summary.rows_read += len(val)
+        train = records
+    else:
+        train_idx, val_idx = split_rows(len(records), d.validation_split_ratio, d.train_data_split_seed)
+        train, val = [records[i] for i in train_idx], [records[i] for i in val_idx]
+    summary.formats = dict(formats)
+    summary.train_rows, summary.val_rows = len(train), len(val)
+    for which, cap in (("train", d.max_train_samples), ("val", d.max_val_samples)):
+        rows = train if which == "train" else val
+        if cap >= 0 and len(rows) > cap:
+            summary.capped[which] = len(rows) - cap
+            rows[:] = rows[:cap]
+    stage = config.finetuning.stage
+    kinds = {r["kind"] for r in train + val}
+    wrong = kinds - STAGE_KINDS[stage]
+    if wrong:
+        raise DataError(
+            f"stage {stage} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
+            f"{' or '.join(sorted(STAGE_KINDS[stage]))} data (check dataset_format and stage)"
+        )
+    if stage == "ppo":  # ppo prompts: a chat's last answer is what the policy must write
+        train = [_as_prompt(r) for r in train]
+        val = [_as_prompt(r) for r in val]
+    return train, val, summary
+
+
+def _as_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    if record["kind"] == "prompt":
+        return record
+    messages = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
+    return {"kind": "prompt", "messages": messages}
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def _file_fingerprint(config: Config, base: Optional[Path]) -> list[Any]:
+    prints = []
+    for which in ("train", "validation"):
+        for spec in _entries(config, which):
+            files = data_files(spec.path, base)
+            if not files:
+                prints.append([spec.path, spec.split])  # a hub dataset: its name and split
+            for path in files:
+                prints.append([path.name, hashlib.sha256(path.read_bytes()).hexdigest()])
+            if config.data.instruction_tuned and files:
+                template = files[0].parent / "template.json"
+                if template.exists():
+                    prints.append(["template.json", hashlib.sha256(template.read_bytes()).hexdigest()])
+    return prints
+
+
+def fingerprint(config: Config, tokenizer: Any, max_len: int, config_dir: Optional[Path]) -> str:
+    settings = config.data.model_dump(mode="json", exclude={"overwrite_cache", "cache_dir", "preprocessing_num_workers"})
+    key = {
+        "version": DATA_VERSION,
+        "stage": config.finetuning.stage,
+        "max_len": max_len,
+        "data": settings,
+        "files": _file_fingerprint(config, _base_dir(config, config_dir)),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tokenize_chunk(args: tuple) -> tuple[list, Counter]:
+    records, renderer, tokenizer, max_len, policy = args
+    return tokenize_records(records, renderer, tokenizer, max_len, policy)
+
+
+def tokenize_all(
+    records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int, policy: str, workers: int, label: str
+) -> tuple[list, Counter]:
+    from tqdm.auto import tqdm
+
+    if not records:
+        return [], Counter()
+    if records[0]["kind"] == "text":  # documents are joined across rows: one stream
+        return tokenize_records(records, renderer, tokenizer, max_len, policy)
+    size = max(64, min(2048, len(records) // (workers * 4) or 1))
+    chunks = [(records[i : i + size], renderer, tokenizer, max_len, policy) for i in range(0, len(records), size)]
+    examples, outcomes = [], Counter()
+    bar = tqdm(total=len(records), desc=f"tokenising {label}", unit="row", leave=False, disable=len(chunks) < 4)
+    if workers > 1:
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for part, counts in pool.imap(_tokenize_chunk, chunks):
+                examples += part
+                outcomes += counts
+                bar.update(sum(counts.values()))
+    else:
+        for chunk in chunks:
+            part, counts = _tokenize_chunk(chunk)
+            examples += part
+            outcomes += counts
+            bar.update(len(chunk[0]))
+    bar.close()
+    return examples, outcomes
+
+
+def resolve_max_len(config: Config, context_length: int) -> int:
+    wanted = config.data.max_input_length
+    if wanted == -1:
+        return context_length
+    if wanted > context_length:
+        raise DataError(
+            f"max_input_length: {wanted} is longer than the model's context ({context_length} tokens); "
+            f"use at most {context_length}"
+        )
+    return wanted
+
+
+def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Optional[Path] = None) -> Prepared:
+    d = config.data
+    max_len = resolve_max_len(config, context_length)
+    key = fingerprint(config, tokenizer, max_len, config_dir)
+    folder = cache.folder(d.cache_dir, key)
+    if not d.overwrite_cache:
+        hit = cache.load(folder)
+        if hit is not None:
+            train, val, saved = hit
+            summary = Summary(**saved)
+            summary.from_cache = True
+            return Prepared(train, val, summary)
+    train_records, val_records, summary = load_records(config, config_dir)
+    renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key)
+    workers = d.preprocessing_num_workers or 1
+    train, train_outcomes = tokenize_all(train_records, renderer, tokenizer, max_len, d.truncation, workers, "train")
+    val, val_outcomes = tokenize_all(val_records, renderer, tokenizer, max_len, d.truncation, workers, "validation")
+    summary.outcomes = dict(train_outcomes + val_outcomes)
+    summary.train_examples, summary.val_examples, summary.max_len = len(train), len(val), max_len
+    if not train:
+        reasons = ", ".join(f"{n} {k}" for k, n in summary.outcomes.items()) or "no rows"
+        raise DataError(f"no training example is left after filtering ({reasons}); check max_input_length and the data")
+    saved = asdict(summary)
+    saved.pop("from_cache")
+    cache.save(folder, train, val, saved)
+    train, val, _ = cache.load(folder)  # the same array form whether built now or read later
+    return Prepared(train, val, summary)

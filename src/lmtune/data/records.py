@@ -1,0 +1,316 @@
+"""Rows from the user's files, normalised to a few canonical record shapes.
+
+Canonical records (plain dicts, cheap to pickle to workers):
+- text:       {"kind": "text", "text": str}
+- chat:       {"kind": "chat", "messages": [{"role", "content"}, ...]}  (instruction rows become chat)
+- completion: {"kind": "completion", "prompt": str, "completion": str}   (JumpStart template.json rows)
+- preference: {"kind": "preference", "messages": [...prompt turns], "chosen": str, "rejected": str}
+- prompt:     {"kind": "prompt", "messages": [...]}                      (ppo prompts)
+
+Every bad row raises DataError naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+ROLE_NAMES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+
+
+class DataError(ValueError):
+    """A problem in the user's data; the message names the place and the fix."""
+
+
+@dataclass
+class Row:
+    values: dict[str, Any]
+    where: str  # "file.jsonl line 12" / "file.csv row 4"
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line")
+            if not isinstance(value, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object per line, got {type(value).__name__}")
+            yield Row(value, f"{path.name} line {number}")
+
+
+def _read_json(path: Path) -> Iterator[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON lines in a .json file
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file there")
+    if isinstance(value, dict):
+        # {"data": [...]} / {"train": [...]} wrappers
+        lists = [v for v in value.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of rows (or JSON lines), found an object with keys {sorted(value)}")
+        value = lists[0]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a list of rows, got {type(value).__name__}")
+    for number, item in enumerate(value, 1):
+        if not isinstance(item, dict):
+            raise DataError(f"{path} row {number}: expected an object, got {type(item).__name__}")
+        yield Row(item, f"{path.name} row {number}")
+
+
+def _read_csv(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        for number, item in enumerate(csv.DictReader(handle), 2):
+            if None in item:
+                raise DataError(f"{path} line {number}: more cells than header columns; quote cells that hold commas")
+            yield Row(dict(item), f"{path.name} line {number}")
+
+
+def _read_txt(path: Path) -> Iterator[Row]:
+    """A text file is one document per blank-line-separated paragraph."""
+    text = path.read_text(encoding="utf-8")
+    for number, block in enumerate(text.split("\n\n"), 1):
+        if block.strip():
+            yield Row({"text": block.strip("\n")}, f"{path.name} paragraph {number}")
+
+
+def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    for number, item in enumerate(pq.read_table(path).to_pylist(), 1):
+        yield Row(item, f"{path.name} row {number}")
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt, ".parquet": _read_parquet}
+
+
+def data_files(location: str, base: Optional[Path] = None) -> list[Path]:
+    """The files behind one dataset entry (a file or a folder of them); [] for a hub id."""
+    path = Path(location).expanduser()
+    if not path.is_absolute() and base is not None and not path.exists():
+        path = base / path
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return sorted(p for p in path.rglob("*") if p.is_file())  # a save_to_disk folder
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name != "template.json")
+        if not files:
+            raise DataError(f"{location}: the folder holds no {', '.join(SUFFIXES)} files")
+        return files
+    if location.endswith(SUFFIXES) or location.startswith((".", "/", "~")):
+        raise DataError(f"{location}: no such file or folder; check the dataset path")
+    return []
+
+
+def read_rows(location: str, base: Optional[Path] = None, split: str = "train") -> Iterator[Row]:
+    files = data_files(location, base)
+    if not files:
+        yield from _read_hub(location, split)
+        return
+    path = Path(location).expanduser()
+    if not path.exists() and base is not None:
+        path = base / path
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+        from datasets import load_from_disk
+
+        loaded = load_from_disk(str(path))
+        if hasattr(loaded, "keys"):  # a DatasetDict
+            loaded = loaded[split]
+        for number, item in enumerate(loaded, 1):
+            yield Row(dict(item), f"{path.name} row {number}")
+        return
+    for file in files:
+        yield from READERS[file.suffix](file)
+
+
+def _read_hub(name: str, split: str) -> Iterator[Row]:
+    """The ordinary `datasets` path for hub ids; never reached offline in tests."""
+    from datasets import load_dataset
+
+    for number, item in enumerate(load_dataset(name, split=split), 1):
+        yield Row(dict(item), f"{name} row {number}")
+
+
+FORMAT_COLUMNS = {
+    "text": "text",
+    "instruction": "instruction + output (alpaca), or prompt + response",
+    "chat": "messages (role/content), conversations (from/value) or dialog",
+    "preference": "chosen + rejected, with prompt, messages or conversations",
+    "prompt": "prompt, instruction, or messages without an answer",
+}
+
+
+def detect_format(columns: set[str]) -> Optional[str]:
+    if {"chosen", "rejected"} <= columns:
+        return "preference"
+    if columns & {"messages", "conversations", "dialog"}:
+        return "chat"
+    if "instruction" in columns and "output" in columns:
+        return "instruction"
+    if "prompt" in columns and columns & {"response", "completion", "output"}:
+        return "instruction"
+    if "text" in columns:
+        return "text"
+    if columns & {"prompt", "instruction"}:
+        return "prompt"
+    return None
+
+
+def _need(row: Row, field: str) -> Any:
+    value = row.values.get(field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{row.where}: the field `{field}` is missing or empty; fill it in or remove the row")
+    return value
+
+
+def _messages(row: Row, field: str) -> list[dict[str, str]]:
+    turns = _need(row, field)
+    if not isinstance(turns, list):
+        raise DataError(f"{row.where}: `{field}` must be a list of turns, got {type(turns).__name__}")
+    messages = []
+    for index, turn in enumerate(turns):
+        messages.append(_turn(row, f"{field}[{index}]", turn))
+    return messages
+
+
+def _turn(row: Row, where: str, turn: Any) -> dict[str, str]:
+    if not isinstance(turn, dict):
+        raise DataError(f"{row.where}: `{where}` must be an object with role and content")
+    role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    if role is None or content is None:
+        raise DataError(f"{row.where}: `{where}` needs role/content (or ShareGPT from/value)")
+    if str(role).lower() not in ROLE_NAMES:
+        raise DataError(f"{row.where}: `{where}` has role {role!r}; expected user, assistant or system")
+    return {"role": ROLE_NAMES[str(role).lower()], "content": str(content)}
+
+
+def _answer(row: Row, field: str) -> str:
+    value = _need(row, field)
+    if isinstance(value, dict):
+        return _turn(row, field, value)["content"]
+    if isinstance(value, list):  # a chat list whose last turn is the answer
+        return _turn(row, f"{field}[-1]", value[-1])["content"]
+    return str(value)
+
+
+def _check_alternation(row: Row, messages: list[dict[str, str]], need_answer: bool) -> None:
+    turns = [m for m in messages if m["role"] != "system"]
+    if any(m["role"] == "system" for m in messages[1:]):
+        raise DataError(f"{row.where}: a system turn may only come first")
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DataError(f"{row.where}: turn {index + 1} is {message['role']}, expected {expected}; turns must alternate")
+    if need_answer and (not turns or turns[-1]["role"] != "assistant"):
+        raise DataError(f"{row.where}: the conversation does not end with an assistant turn, so nothing would be learned")
+
+
+def _instruction_messages(row: Row) -> list[dict[str, str]]:
+    values = row.values
+    if "instruction" in values:
+        prompt = str(_need(row, "instruction"))
+        if values.get("input"):
+            prompt = f"{prompt}\n\n{values['input']}"
+    else:
+        prompt = str(_need(row, "prompt"))
+    messages = []
+    if values.get("system"):
+        messages.append({"role": "system", "content": str(values["system"])})
+    for pair in values.get("history") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise DataError(f"{row.where}: `history` must be a list of [question, answer] pairs")
+        messages += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def normalise(row: Row, fmt: str) -> dict[str, Any]:
+    """One row in the canonical shape of its format."""
+    values = row.values
+    if fmt == "text":
+        return {"kind": "text", "text": str(_need(row, "text"))}
+    if fmt == "chat":
+        field = next(f for f in ("messages", "conversations", "dialog") if f in values)
+        messages = _messages(row, field)
+        _check_alternation(row, messages, need_answer=True)
+        return {"kind": "chat", "messages": messages}
+    if fmt == "instruction":
+        messages = _instruction_messages(row)
+        answer_field = next((f for f in ("output", "response", "completion") if f in values), "output")
+        messages.append({"role": "assistant", "content": str(_need(row, answer_field))})
+        return {"kind": "chat", "messages": messages}
+    if fmt == "preference":
+        if "messages" in values or "conversations" in values:
+            field = "messages" if "messages" in values else "conversations"
+            messages = _messages(row, field)
+        else:
+            messages = _instruction_messages(row)
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{row.where}: the prompt of a preference row must end with a user turn")
+        chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+        return {"kind": "preference", "messages": messages, "chosen": chosen, "rejected": rejected}
+    if fmt == "prompt":
+        if "messages" in values or "conversations" in values:
+            messages = _messages(row, "messages" if "messages" in values else "conversations")
+            if messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        else:
+            messages = _instruction_messages(row)
+        return {"kind": "prompt", "messages": messages}
+    raise DataError(f"unknown dataset format {fmt!r}")
+
+
+def rename_columns(values: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Apply `dataset_columns` ({lmtune_name: user_column})."""
+    if not columns:
+        return values
+    out = dict(values)
+    for ours, theirs in columns.items():
+        if theirs in out:
+            out[ours] = out.pop(theirs)
+    return out
+
+
+def jumpstart_template(folder: Path) -> Optional[dict[str, str]]:
+    path = folder / "template.json"
+    if not path.exists():
+        return None
+    try:
+        template = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})")
+    if not isinstance(template, dict) or not {"prompt", "completion"} <= set(template):
+        raise DataError(f"{path}: a JumpStart template needs the keys `prompt` and `completion`")
+    return template
+
+
+def render_jumpstart(row: Row, template: dict[str, str]) -> dict[str, Any]:
+    """A JumpStart instruction row through its template.json format strings."""
+    try:
+        prompt = template["prompt"].format(**row.values)
+        completion = template["completion"].format(**row.values)
+    except KeyError as exc:
+        raise DataError(f"{row.where}: template.json names the field {{{exc.args[0]}}}, which this row lacks")
+    return {"kind": "completion", "prompt": prompt, "completion": completion}

@@ -1,0 +1,148 @@
+"""Canonical records to token ids and labels (-100 where nothing is learned)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional
+
+from .templates import Renderer, Segment
+
+IGNORE = -100
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """One call into the Rust tokenizer for many texts; never adds special tokens."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def join_segments(pieces: list[list[int]], segments: list[Segment]) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    for tokens, (_, trained) in zip(pieces, segments):
+        ids += tokens
+        labels += tokens if trained else [IGNORE] * len(tokens)
+    return ids, labels
+
+
+def _last_answer_start(labels: list[int]) -> Optional[int]:
+    index = len(labels) - 1
+    while index >= 0 and labels[index] == IGNORE:
+        index -= 1
+    if index < 0:
+        return None
+    while index > 0 and labels[index - 1] != IGNORE:
+        index -= 1
+    return index
+
+
+def fit_length(
+    ids: list[int], labels: list[int], max_len: int, policy: str, bos_id: Optional[int]
+) -> tuple[Optional[list[int]], Optional[list[int]], str]:
+    """Apply the truncation policy; returns (ids, labels, "kept" | "truncated" | "dropped: reason").
+
+    keep_response cuts the prompt from the left (BOS stays) when the last answer
+    fits; when the answer alone is too long, it falls back to cutting the end.
+    """
+    if len(ids) <= max_len:
+        return ids, labels, "kept"
+    if policy == "drop":
+        return None, None, "dropped: longer than max_input_length"
+    if policy == "keep_response":
+        keep_bos = bos_id is not None and ids[:1] == [bos_id]
+        room = max_len - (1 if keep_bos else 0)
+        answer = _last_answer_start(labels)
+        if answer is not None and len(ids) - answer <= room:
+            head_ids, head_labels = ([bos_id], [IGNORE]) if keep_bos else ([], [])
+            return head_ids + ids[-room:], head_labels + labels[-room:], "truncated"
+    new_ids, new_labels = ids[:max_len], labels[:max_len]
+    if all(label == IGNORE for label in new_labels):
+        return None, None, "dropped: no answer token fits in max_input_length"
+    return new_ids, new_labels, "truncated"
+
+
+def tokenize_sequences(
+    records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
+) -> tuple[list[dict[str, list[int]]], Counter]:
+    """sft/ppo records: one sequence each."""
+    rendered = [renderer.record(r) for r in records]
+    flat = [text for segments in rendered for text, _ in segments]
+    pieces = encode_batch(tokenizer, flat)
+    examples, outcomes = [], Counter()
+    at = 0
+    for segments in rendered:
+        ids, labels = join_segments(pieces[at : at + len(segments)], segments)
+        at += len(segments)
+        if records and records[0]["kind"] == "prompt":  # ppo prompts are kept whole or cut at the left
+            ids = ids[-max_len:]
+            examples.append({"input_ids": ids})
+            outcomes["kept" if len(ids) < max_len else "truncated"] += 1
+            continue
+        ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
+        outcomes[outcome] += 1
+        if ids is not None:
+            examples.append({"input_ids": ids, "labels": labels})
+    return examples, outcomes
+
+
+def tokenize_preferences(
+    records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
+) -> tuple[list[dict[str, list[int]]], Counter]:
+    """rm/dpo records: the prompt once, the chosen and rejected answers after it."""
+    suffix = renderer.template.assistant_suffix.replace("{eos}", renderer.eos_token) if renderer.template else ""
+    if renderer.template is None:
+        suffix = renderer.eos_token
+    prompts = [renderer.chat(r["messages"], add_answer_prefix=True) for r in records]
+    flat = [text for segments in prompts for text, _ in segments]
+    answers = [a + suffix for r in records for a in (r["chosen"], r["rejected"])]
+    prompt_pieces = encode_batch(tokenizer, flat)
+    answer_pieces = encode_batch(tokenizer, answers)
+    examples, outcomes = [], Counter()
+    at = 0
+    for index, segments in enumerate(prompts):
+        prompt_ids = [t for piece in prompt_pieces[at : at + len(segments)] for t in piece]
+        at += len(segments)
+        pair, outcome = {}, "kept"
+        for side, answer_ids in (("chosen", answer_pieces[2 * index]), ("rejected", answer_pieces[2 * index + 1])):
+            ids = prompt_ids + answer_ids
+            labels = [IGNORE] * len(prompt_ids) + answer_ids
+            ids, labels, result = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
+            if ids is None:
+                outcome = result
+                break
+            if result == "truncated":
+                outcome = result
+            pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, labels
+        outcomes[outcome] += 1
+        if len(pair) == 4:
+            examples.append(pair)
+    return examples, outcomes
+
+
+def tokenize_text(
+    records: list[dict[str, Any]], tokenizer: Any, max_len: int
+) -> tuple[list[dict[str, list[int]]], Counter]:
+    """pt records: documents joined with the end token, cut into blocks of max_len."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for tokens in encode_batch(tokenizer, [r["text"] for r in records]):
+        stream += tokens + ([eos] if eos is not None else [])
+    examples = [{"input_ids": stream[i : i + max_len]} for i in range(0, len(stream), max_len)]
+    examples = [e for e in examples if len(e["input_ids"]) > 1]
+    for example in examples:
+        example["labels"] = list(example["input_ids"])
+    return examples, Counter({"kept": len(records)})
+
+
+def tokenize_records(
+    records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
+) -> tuple[list[dict[str, list[int]]], Counter]:
+    if not records:
+        return [], Counter()
+    kind = records[0]["kind"]
+    if kind == "text":
+        return tokenize_text(records, tokenizer, max_len)
+    if kind == "preference":
+        return tokenize_preferences(records, renderer, tokenizer, max_len, policy)
+    return tokenize_sequences(records, renderer, tokenizer, max_len, policy)

@@ -1,0 +1,125 @@
+"""Checkpoints that a kill cannot corrupt, and everything a resume needs.
+
+A checkpoint folder holds the trainable weights (safetensors), the optimizer
+and scheduler state, the RNG states and the loop's position. It is written to
+a hidden folder and renamed into place, so the newest complete checkpoint is
+always a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "checkpoint-"
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _numpy_state() -> list[Any]:
+    """numpy's RNG state in types `torch.load(weights_only=True)` accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loop_state: dict[str, Any],
+    scaler: Optional[Any] = None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{PREFIX}{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}-", dir=folder))
+    try:
+        save_file(trainable_state(model), staging / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+            },
+            staging / "training_state.pt",
+        )
+        (staging / "state.json").write_text(json.dumps(loop_state, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob(f"{PREFIX}*") if (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def latest(folder: Path) -> Optional[Path]:
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def prune(folder: Path, keep: int, protect: Optional[str] = None) -> None:
+    """Keep the newest `keep` checkpoints, and the protected (best) one."""
+    found = complete_checkpoints(folder)
+    for path in found[:-keep] if keep > 0 else found:
+        if protect and path.name == Path(protect).name:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Optional[Any] = None
+) -> dict[str, Any]:
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise ValueError(f"resume_from_checkpoint: {path} does not match this model (e.g. {missing[0]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device))
+    # weights_only: a checkpoint handed over by someone else cannot run code when loaded.
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,360 @@
+"""The training loop shared by every gradient stage, top to bottom.
+
+setup -> data -> model + method -> optimizer + schedule -> (resume) -> epochs of
+accumulated steps with clipping, logging, evaluation, early stopping and
+checkpoints -> final model, summary and loss-curve picture.
+
+Stages plug in a loss (`summed loss`, `count`) and how examples become batches;
+the loop owns everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..config.schema import Config
+from ..data.batches import Batches
+from ..data.pipeline import prepare
+from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
+from ..model.methods import apply_method, parameter_counts
+from ..stages import stage_for
+from . import checkpoint
+from .optim import build_optimizer, build_scheduler
+from .report import MetricsLog, plot_loss
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class LoopState:
+    """The loop's position and history, saved in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro batches of this epoch already trained
+    best_metric: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+    evals_without_gain: int = 0
+    trained_tokens: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: Optional[float]
+    eval_loss: Optional[float]
+    best_checkpoint: Optional[str]
+    seconds: float
+    tokens_per_second: float
+    notes: list[str]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(config: Config) -> Any:
+    from accelerate import Accelerator
+
+    precision = config.precision.precision
+    cuda = torch.cuda.is_available()
+    if precision == "fp16" and not cuda:
+        raise TrainingError("precision: fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
+    if config.precision.tf32 and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(mixed_precision=mixed, cpu=not cuda)
+
+
+def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Optional[int], bool]:
+    """(evaluate every N steps, evaluate at each epoch end)."""
+    e = config.evaluation
+    strategy = e.eval_strategy or ("epoch" if has_val else "no")
+    if strategy == "no" or not has_val:
+        return None, False
+    if e.evals_per_epoch:
+        return max(1, steps_per_epoch // e.evals_per_epoch), False
+    if strategy == "steps":
+        return e.eval_steps, False
+    return None, True
+
+
+@torch.no_grad()
+def evaluate(model: Any, stage: Any, batches: Batches, accelerator: Any, dtype: torch.dtype) -> dict[str, float]:
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = 0
+    for batch in batches.epoch(0):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            total += stage.summed_loss(model, batch, dtype).double()
+        count += stage.count(batch)
+    model.train()
+    loss = float(total) / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(config: Config, config_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> RunResult:
+    from tqdm.auto import tqdm
+
+    t, o = config.training, config.output
+    started = time.perf_counter()
+    notes: list[str] = []
+    seed_everything(t.seed)
+    accelerator = make_accelerator(config)
+    main_process = accelerator.is_main_process
+    dtype = compute_dtype(config)
+    stage = stage_for(config)
+
+    # -- run folder ---------------------------------------------------------
+    run_dir = Path(o.output_dir)
+    checkpoints = run_dir / "checkpoints"
+    resume = resume or o.resume_from_checkpoint
+    if resume is None and (run_dir / "metrics.jsonl").exists() and not o.overwrite_output_dir:
+        raise TrainingError(
+            f"output_dir: {run_dir} already holds a run; pass --resume to continue it, "
+            "set overwrite_output_dir: true to start over, or choose another folder"
+        )
+    if main_process:
+        if resume is None and run_dir.exists() and o.overwrite_output_dir:
+            for stale in ("metrics.jsonl",):
+                (run_dir / stale).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
+
+    # -- data -----------------------------------------------------------------
+    tokenizer = load_tokenizer(config)
+    model = load_model(config)
+    data = prepare(config, tokenizer, context_length(model), config_dir)
+    pack_to = data.summary.max_len
+    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, pack_to=pack_to)
+    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, pack_to=pack_to, for_eval=True) if data.val else None
+    if not quiet and main_process:
+        for line in data.summary.lines():
+            print(f"data: {line}")
+        print(f"data: padding {train_batches.padding_fraction():.1%} of the positions of training batches")
+
+    # -- model and method -----------------------------------------------------
+    model = apply_method(model, config)
+    trainable, total = parameter_counts(model)
+    if trainable == 0:
+        raise TrainingError("method: no parameter is trainable; check the method settings")
+    if not quiet and main_process:
+        print(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%}) with {config.finetuning.method}")
+    model.train()
+
+    # -- optimisation ---------------------------------------------------------
+    accum = t.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_batches) / accum)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.torch_compile:
+        model = torch.compile(model)
+    eval_steps, eval_each_epoch = eval_every(config, steps_per_epoch, eval_batches is not None)
+    save_steps = o.save_steps
+
+    # -- resume ---------------------------------------------------------------
+    state = LoopState()
+    if resume:
+        path = checkpoint.latest(checkpoints) if resume == "latest" else Path(resume)
+        if path is None or not (path / "state.json").exists():
+            raise TrainingError(f"resume_from_checkpoint: no complete checkpoint at {resume if path is None else path}")
+        state = LoopState(**checkpoint.load(path, accelerator.unwrap_model(model), optimizer, scheduler))
+        if not quiet and main_process:
+            print(f"resumed from {path} at step {state.global_step}")
+    elif main_process:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log = MetricsLog(run_dir, "tensorboard" in o.report_to, enabled=main_process)
+    if log.note:
+        notes.append(log.note)
+
+    def save_checkpoint() -> Path:
+        accelerator.wait_for_everyone()
+        path = checkpoints / f"{checkpoint.PREFIX}{state.global_step}"
+        if main_process:
+            path = checkpoint.save(
+                checkpoints, state.global_step, accelerator.unwrap_model(model), optimizer, scheduler, state.__dict__
+            )
+            checkpoint.prune(checkpoints, o.save_total_limit, protect=state.best_checkpoint)
+        return path
+
+    last_eval: dict[str, Any] = {}
+
+    def run_eval() -> bool:
+        """Evaluate, track the best checkpoint; True when early stopping says stop."""
+        metrics = evaluate(model, stage, eval_batches, accelerator, dtype)
+        last_eval.update(metrics, step=state.global_step)
+        log.write({"step": state.global_step, "epoch": state.epoch, **metrics})
+        value = metrics.get(t.early_stopping_metric, metrics["eval_loss"])
+        improved = state.best_metric is None or value < state.best_metric - t.early_stopping_min_delta
+        if improved:
+            state.best_metric, state.evals_without_gain = value, 0
+            state.best_checkpoint = str(save_checkpoint())
+        else:
+            state.evals_without_gain += 1
+        bar.set_postfix_str(f"eval {metrics['eval_loss']:.4f}", refresh=False)
+        patience = t.early_stopping_patience
+        return patience is not None and state.evals_without_gain >= patience
+
+    # -- the loop ---------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step", disable=quiet or not main_process)
+    window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    window_tokens = 0
+    window_start = time.perf_counter()
+    last_loss: Optional[float] = None
+    world = accelerator.num_processes
+    while state.global_step < total_steps and not state.stopped_early:
+        micro = train_batches.epoch(state.epoch, skip=state.micro_in_epoch)
+        while state.global_step < total_steps:
+            group = [b for _, b in zip(range(accum), micro)]
+            if not group:
+                break
+            # Normalise by the trained tokens of the whole accumulated batch (over all processes),
+            # so accumulation and data parallelism give the gradients of one big batch.
+            tokens = sum(stage.count(b) for b in group)
+            global_tokens = tokens
+            if world > 1:
+                global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+            scale = world / max(global_tokens, 1)
+            step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            for index, batch in enumerate(group):
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                last = index == len(group) - 1
+                with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
+                    with accelerator.autocast():
+                        summed = stage.summed_loss(model, batch, dtype)
+                    accelerator.backward(summed * scale)
+                step_loss += summed.detach().double()
+            if t.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            loss_value = float(step_loss) / max(tokens, 1)
+            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+                bar.close()
+                log.close()
+                raise TrainingError(diverged_message(config, loss_value, state.global_step + 1, checkpoints))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.micro_in_epoch += len(group)
+            state.trained_tokens += tokens
+            window_loss += step_loss
+            window_tokens += tokens
+            last_loss = loss_value
+            bar.update(1)
+
+            if state.global_step % o.logging_steps == 0 or state.global_step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                loss = float(window_loss) / max(window_tokens, 1)
+                record = {
+                    "step": state.global_step,
+                    "epoch": round(state.epoch + state.micro_in_epoch / max(len(train_batches), 1), 4),
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": window_tokens * world / max(elapsed, 1e-9),
+                }
+                log.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+                window_loss.zero_()
+                window_tokens, window_start = 0, time.perf_counter()
+            if eval_steps and state.global_step % eval_steps == 0 and run_eval():
+                state.stopped_early = True
+                break
+            if save_steps and state.global_step % save_steps == 0:
+                save_checkpoint()
+        if state.stopped_early or state.micro_in_epoch < len(train_batches):
+            break  # stopped early, or max_steps ended the run inside this epoch
+        state.epoch += 1
+        state.micro_in_epoch = 0
+        if eval_each_epoch and run_eval():
+            state.stopped_early = True
+        if not save_steps:
+            save_checkpoint()
+    bar.close()
+
+    # -- outputs ---------------------------------------------------------------
+    final_eval: dict[str, Any] = {}
+    if eval_batches is not None:
+        final_eval = dict(last_eval) if last_eval.get("step") == state.global_step else {}
+        if not final_eval:
+            final_eval = evaluate(model, stage, eval_batches, accelerator, dtype)
+            log.write({"step": state.global_step, "epoch": state.epoch, **final_eval})
+    final_dir = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if main_process:
+        save_final(accelerator.unwrap_model(model), tokenizer, config, final_dir)
+    log.close()
+    if main_process and o.plot_loss:
+        note = plot_loss(run_dir / "metrics.jsonl", run_dir / "plots" / "loss.png")
+        if note:
+            notes.append(note)
+    seconds = time.perf_counter() - started
+    result = RunResult(
+        run_dir=run_dir,
+        final_dir=final_dir,
+        steps=state.global_step,
+        train_loss=last_loss,
+        eval_loss=final_eval.get("eval_loss"),
+        best_checkpoint=state.best_checkpoint,
+        seconds=seconds,
+        tokens_per_second=state.trained_tokens / max(seconds, 1e-9),
+        notes=notes + ([f"stopped early after {state.evals_without_gain} evaluations without improvement"] if state.stopped_early else []),
+    )
+    if main_process:
+        (run_dir / "summary.json").write_text(
+            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2)
+        )
+    return result
+
+
+def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) -> str:
+    good = checkpoint.latest(checkpoints)
+    if config.precision.precision == "fp16":
+        cause = "fp16 overflow is likely: use bf16, or lower learning_rate"
+    else:
+        cause = f"learning_rate {config.training.learning_rate:g} is likely too high, or a data row is broken"
+    kept = f"The last good checkpoint is {good}." if good else "No checkpoint was saved before it."
+    return f"loss became {loss} at step {step}: {cause}. {kept}"
+
+
+def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path) -> None:
+    """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(final_dir, safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
+    meta = {
+        "base_model": config.model.base_model,
+        "method": config.finetuning.method,
+        "stage": config.finetuning.stage,
+        "template": config.data.template,
+        "train_on_inputs": config.data.train_on_inputs,
+        "add_input_output_demarcation_key": config.data.add_input_output_demarcation_key,
+    }
+    (final_dir / "lmtune.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,125 @@
+"""Tokenizer and model from a local folder, a hub id or `builtin:`, the ordinary transformers way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config.schema import Config
+from .builtin import builtin_path, is_builtin
+
+DROPOUT_FIELDS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+)
+
+
+class ModelError(ValueError):
+    """A model that cannot be used as configured; the message names the key and the fix."""
+
+
+def model_location(name: str) -> str:
+    return str(builtin_path(name)) if is_builtin(name) else name
+
+
+def compute_dtype(config: Config) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision.precision]
+
+
+def load_tokenizer(config: Config, location: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    m = config.model
+    where = location or model_location(m.tokenizer or m.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is never trained, so any id will do
+    return tokenizer
+
+
+def _has_safetensors(where: str) -> bool:
+    folder = Path(where)
+    if folder.is_dir():
+        return any(folder.glob("*.safetensors"))
+    return True  # a hub id: transformers prefers safetensors and we insist below
+
+
+def quantization_config(config: Config) -> Any:
+    f = config.finetuning
+    if not (f.method == "qlora" or f.int8_quantization):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if f.method == "qlora":
+        compute = compute_dtype(config)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=f.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=f.bnb_4bit_double_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(config: Config, location: str | None = None, for_training: bool = True) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m, f = config.model, config.finetuning
+    if not m.base_model and location is None:
+        raise ModelError("base_model: no model given; set a folder, a hub id or builtin:tiny")
+    where = location or model_location(m.base_model)
+    if not m.allow_pickle_weights and not _has_safetensors(where):
+        raise ModelError(
+            f"base_model: {where} has no .safetensors weights; pickle (.bin) files can run code when loaded. "
+            "Convert them, or set allow_pickle_weights: true for files you trust"
+        )
+    overrides: dict[str, Any] = {}
+    model_config = AutoConfig.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    if config.training.dropout is not None:
+        overrides = {k: config.training.dropout for k in DROPOUT_FIELDS if hasattr(model_config, k)}
+        for key, value in overrides.items():
+            setattr(model_config, key, value)
+    context = getattr(model_config, "max_position_embeddings", None)
+    wanted = config.data.max_input_length
+    if context and wanted > context:
+        raise ModelError(f"max_input_length: {wanted} is longer than the model's context ({context}); use at most {context}")
+    quant = quantization_config(config)
+    # Frozen bases can live in the compute dtype; trained weights stay fp32 (autocast does the rest).
+    frozen_base = f.method in ("lora", "qlora")
+    weights_dtype = compute_dtype(config) if (frozen_base and for_training) or not for_training else torch.float32
+    kwargs: dict[str, Any] = dict(
+        config=model_config,
+        revision=m.model_revision,
+        trust_remote_code=m.trust_remote_code,
+        dtype=weights_dtype,
+        use_safetensors=None if m.allow_pickle_weights else True,
+    )
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": _device_index()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except ImportError as exc:
+        raise ModelError(f"base_model: {exc}") from None
+    model.config.use_cache = False
+    return model
+
+
+def _device_index() -> Any:
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def context_length(model_or_config: Any) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(getattr(config, "max_position_embeddings", 2048) or 2048)

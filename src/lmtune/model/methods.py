@@ -1,0 +1,128 @@
+"""Which weights train: full, freeze, LoRA, QLoRA / 8-bit LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config.schema import Config
+from .load import ModelError
+
+ATTENTION_WORDS = ("attn", "attention")
+MLP_WORDS = ("mlp", "feed_forward", "ffn")
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear layer but the output head, by full name (quantised linears included)."""
+    head = model.get_output_embeddings()
+    out = {}
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in ("Linear4bit", "Linear8bitLt"):
+            out[name] = module
+    return out
+
+
+def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
+    """Leaf names to wrap, from module names and the groups attention / mlp / ff / all."""
+    layers = linear_layers(model)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    chosen: set[str] = set()
+    for item in wanted:
+        if item == "all":
+            chosen |= set(leaves)
+        elif item == "attention":
+            chosen |= {n.rsplit(".", 1)[-1] for n in layers if any(w in n for w in ATTENTION_WORDS)}
+        elif item in ("mlp", "ff"):
+            chosen |= {n.rsplit(".", 1)[-1] for n in layers if any(w in n for w in MLP_WORDS)}
+        elif item in leaves:
+            chosen.add(item)
+        else:
+            raise ModelError(
+                f"lora_target: this model has no linear layer named {item!r}; it has {', '.join(leaves)} "
+                "(or use the groups attention, mlp, all)"
+            )
+    if not chosen:
+        raise ModelError(f"lora_target: {wanted} selects no layer of this model; it has {', '.join(leaves)}")
+    return sorted(chosen)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    count = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelError("method: freeze could not find the model's list of transformer layers")
+
+
+def apply_freeze(model: torch.nn.Module, config: Config) -> None:
+    f = config.finetuning
+    layers = decoder_layers(model)
+    count = len(layers)
+    n = f.freeze_trainable_layers
+    if n == 0 or abs(n) > count:
+        raise ModelError(f"freeze_trainable_layers: {n} does not fit a model of {count} layers; use 1..{count} or -1..-{count}")
+    chosen = range(count - n, count) if n > 0 else range(0, -n)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = f.freeze_trainable_modules
+    for index in chosen:
+        for name, param in layers[index].named_parameters():
+            if "all" in modules or any(name.startswith(m + ".") or f".{m}." in f".{name}" for m in modules):
+                param.requires_grad_(True)
+    named = dict(model.named_modules())
+    for extra in f.freeze_extra_modules:
+        hits = [module for name, module in named.items() if name.rsplit(".", 1)[-1] == extra]
+        if not hits:
+            raise ModelError(f"freeze_extra_modules: no module named {extra!r} in this model")
+        for module in hits:
+            for param in module.parameters():
+                param.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"freeze_trainable_modules: {modules} matches no parameter in the chosen layers")
+
+
+def apply_lora(model: torch.nn.Module, config: Config) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    f = config.finetuning
+    if f.method == "qlora" or f.int8_quantization:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = LoraConfig(
+        r=f.lora_r,
+        lora_alpha=f.lora_alpha if f.lora_alpha is not None else 2 * f.lora_r,
+        lora_dropout=f.lora_dropout,
+        target_modules=lora_targets(model, f.lora_target),
+        modules_to_save=f.lora_modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def apply_method(model: torch.nn.Module, config: Config) -> Any:
+    method = config.finetuning.method
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "freeze":
+        apply_freeze(model, config)
+    else:
+        model = apply_lora(model, config)
+    if config.training.gradient_checkpointing and method != "full":
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+    return model
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
