@@ -10,8 +10,8 @@ import pytest
 from lmtune.cli import main
 from lmtune.config.docs import configuration_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPAT = ROOT.parent / "shared" / "compat"
+from conftest import COMPAT, ROOT
+
 BAD = sorted((ROOT / "tests" / "fixtures" / "bad_configs").glob("*.yaml"))
 
 

@@ -183,6 +183,106 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@command("chat")
+def run_chat(args: argparse.Namespace) -> int:
+    from .generate import answer, load_for_inference
+
+    _quiet_transformers()
+    if not Path(args.run).exists():
+        print(f"error: {args.run}: no such run folder", file=sys.stderr)
+        return 1
+    model, tokenizer, meta = load_for_inference(args.run)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        demarcation=meta.get("add_input_output_demarcation_key", False),
+    )
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        print(answer(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], meta.get("template"), **options)[0])
+        return 0
+    history = list(system)
+    print("Type a message; an empty line or Ctrl-D ends the chat.")
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        history.append({"role": "user", "content": text})
+        reply = answer(model, tokenizer, [history], meta.get("template"), **options)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+@command("eval")
+def run_eval_command(args: argparse.Namespace) -> int:
+    config = _valid_config(args)
+    if config is None:
+        return 1
+    errors = _user_errors()
+    _quiet_transformers()
+    from .engine.evaluate import evaluate_run
+
+    try:
+        metrics = evaluate_run(config, Path(args.config).resolve().parent, args.checkpoint)
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+@command("export")
+def run_export(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from .generate import final_dir, load_for_inference
+
+    folder = final_dir(args.run)
+    if not (folder / "lmtune.json").exists():
+        print(f"error: {args.run}: not an lmtune run (no final/lmtune.json)", file=sys.stderr)
+        return 1
+    adapter = (folder / "adapter_config.json").exists()
+    if adapter and not args.merge:
+        print("error: this run holds a LoRA adapter; pass --merge to write a standalone model", file=sys.stderr)
+        return 1
+    import torch
+
+    model, tokenizer, meta = load_for_inference(args.run, merge=adapter)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    model = model.to(dtype)
+    out = Path(args.out or Path(args.run) / "merged")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "lmtune.json").write_text((folder / "lmtune.json").read_text())
+    print(f"wrote a standalone {args.dtype} model to {out}")
+    return 0
+
+
+@command("quickstart")
+def run_quickstart(args: argparse.Namespace) -> int:
+    errors = _user_errors()
+    from .quickstart import run
+
+    _quiet_transformers()
+    try:
+        return run(Path(args.out))
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmtune",
@@ -215,6 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     with_overrides(p)
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered examples, trained tokens highlighted")
+
+    p = sub.add_parser("chat", help="talk to a trained run, with the template it was trained with")
+    p.add_argument("run", help="a run folder (output_dir) or its final/ folder")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily")
+
+    p = sub.add_parser("eval", help="eval loss and perplexity of a trained model on the config's validation data")
+    p.add_argument("config")
+    with_overrides(p)
+    p.add_argument("--checkpoint", required=True, help="a run folder, its final/ folder, or a checkpoint folder")
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base and save a standalone model")
+    p.add_argument("run")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--out", help="where to write (default: RUN/merged)")
+
+    p = sub.add_parser("quickstart", help="an offline fine-tuning run from start to end, in a few minutes")
+    p.add_argument("--out", default="runs/quickstart", help="where the data, config and run go")
     return parser
 
 

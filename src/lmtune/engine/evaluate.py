@@ -1,0 +1,54 @@
+"""`lmtune eval`: the validation loss of a trained model, batched exactly as in training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..config.schema import Config
+from ..data.pipeline import prepare
+from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
+from ..model.methods import apply_method
+from ..stages import stage_for
+from . import checkpoint
+from .loop import TrainingError, evaluate, make_accelerator
+
+
+def load_trained(config: Config, where: Path) -> Any:
+    """A model from a final/ folder (HF or PEFT format) or from a training checkpoint."""
+    from ..generate import final_dir, load_for_inference
+
+    if (where / "trainable.safetensors").exists():
+        from safetensors.torch import load_file
+
+        model = apply_method(load_model(config), config)
+        weights = load_file(where / "trainable.safetensors")
+        missing = set(weights) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise TrainingError(f"--checkpoint: {where} does not match this config's model and method")
+        model.load_state_dict(weights, strict=False)
+        return model
+    if (final_dir(where) / "lmtune.json").exists() or (where / "config.json").exists():
+        return load_for_inference(where)[0]
+    raise TrainingError(f"--checkpoint: {where} is neither a run, a final/ folder nor a checkpoint folder")
+
+
+def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: str) -> dict[str, Any]:
+    where = Path(checkpoint_path)
+    if checkpoint_path == "latest":
+        where = checkpoint.latest(Path(config.output.output_dir) / "checkpoints") or where
+    if not where.exists():
+        raise TrainingError(f"--checkpoint: {checkpoint_path}: no such folder")
+    tokenizer = load_tokenizer(config)
+    model = load_trained(config, where)
+    data = prepare(config, tokenizer, context_length(model), config_dir)
+    if not data.val:
+        raise TrainingError("no validation data: set validation_split_ratio or validation_dataset to evaluate")
+    accelerator = make_accelerator(config)
+    model = accelerator.prepare(model)
+    stage = stage_for(config)
+    batches = stage.batches(data.val, config, tokenizer, shuffle=False, pack_to=data.summary.max_len, for_eval=True)
+    metrics = evaluate(model, stage, batches, accelerator, compute_dtype(config))
+    return {"examples": len(data.val), **metrics}

@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny offline model and tokenizer, built once per test session."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before any lmtune import builds a model: keep the session's builtin models out of the user's cache.
+os.environ.setdefault("LMTUNE_HOME", tempfile.mkdtemp(prefix="lmtune-test-home-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = ROOT.parent / "shared" / "compat"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from lmtune.model.builtin import builtin_path
+
+    return builtin_path("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture()
+def fresh_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
