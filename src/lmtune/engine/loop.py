@@ -74,7 +74,11 @@ def seed_everything(seed: int) -> None:
 
 def make_accelerator(config: Config) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # One process may run several trainings (tests, eval after train): each sets its own precision.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     precision = config.precision.precision
     cuda = torch.cuda.is_available()
     if precision == "fp16" and not cuda:

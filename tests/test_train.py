@@ -1,0 +1,223 @@
+"""`lmtune train` for real on the tiny offline model: methods, precisions, outputs, determinism, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtune.config import load_config
+from lmtune.engine.loop import TrainingError, train
+from lmtune.engine.report import read_metrics
+
+
+def sft_rows(n=32):
+    return [{"instruction": f"What is item {i % 8}?", "output": f"It is number {i % 8}."} for i in range(n)]
+
+
+def text_rows(n=24):
+    return [{"text": f"The number {i % 6} follows {(i + 5) % 6} and comes before {(i + 1) % 6}."} for i in range(n)]
+
+
+def make_config(tmp_path: Path, rows=None, name="run", **settings) -> Path:
+    data = tmp_path / "data.jsonl"
+    if not data.exists() or rows is not None:
+        data.write_text("".join(json.dumps(r) + "\n" for r in (rows or sft_rows())))
+    values = {
+        "base_model": "builtin:tiny",
+        "dataset": str(data),
+        "template": "chatml",
+        "micro_batch_size": 4,
+        "max_steps": 12,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "lr_scheduler": "constant",
+        "output_dir": str(tmp_path / name),
+        "cache_dir": str(tmp_path / "cache"),
+        "plot_loss": False,
+        "seed": 3,
+    }
+    values.update(settings)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def run(path: Path, **kwargs):
+    return train(load_config(path), path.parent, quiet=True, **kwargs)
+
+
+def losses(result) -> list[float]:
+    return [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+
+
+METHODS = {
+    "full": {"method": "full", "learning_rate": 2e-3},
+    "freeze": {"method": "freeze", "freeze_trainable_layers": 1, "learning_rate": 5e-3},
+    "lora": {"method": "lora", "lora_r": 8, "learning_rate": 1e-2},
+    "qlora": {"method": "qlora", "lora_r": 8, "learning_rate": 1e-2},
+    "int8_lora": {"method": "lora", "int8_quantization": True, "lora_r": 8, "learning_rate": 1e-2},
+}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sft_loss_falls(tmp_path, method, precision):
+    result = run(make_config(tmp_path, precision=precision, **METHODS[method]))
+    curve = losses(result)
+    assert len(curve) == 12 and all(map(torch.isfinite, torch.tensor(curve)))
+    assert sum(curve[-3:]) / 3 < 0.9 * curve[0], curve
+    assert (result.final_dir / "lmtune.json").exists()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_pt_loss_falls(tmp_path, method):
+    settings = {**METHODS[method], "stage": "pt", "template": None, "max_input_length": 64}
+    result = run(make_config(tmp_path, rows=text_rows(), **settings))
+    curve = losses(result)
+    assert sum(curve[-3:]) / 3 < 0.9 * curve[0], curve
+
+
+def test_freeze_leaves_frozen_weights_bit_identical(tmp_path, tiny_dir):
+    result = run(make_config(tmp_path, method="freeze", freeze_trainable_layers=1, freeze_trainable_modules=["mlp"]))
+    before = load_file(tiny_dir / "model.safetensors")
+    after = load_file(result.final_dir / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.layers.1.mlp.") for name in changed), changed
+    assert len(changed) == 3  # gate, up and down projections of the last layer
+
+
+def test_lora_output_loads_in_plain_peft_with_the_logits_chat_uses(tmp_path, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.generate import load_for_inference
+
+    result = run(make_config(tmp_path, method="lora"))
+    assert (result.final_dir / "adapter_model.safetensors").exists()
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.final_dir).eval()
+    ours, _, meta = load_for_inference(result.run_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = torch.tensor([[0, 5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, ours(ids).logits)
+        assert not torch.allclose(plain(ids).logits, base(ids).logits)
+    assert meta["template"] == "chatml"
+
+
+def test_export_merges_the_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.cli import main
+    from lmtune.generate import load_for_inference
+
+    result = run(make_config(tmp_path, method="lora"))
+    assert main(["export", str(result.run_dir), "--merge", "--dtype", "fp32", "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapter, _, _ = load_for_inference(result.run_dir)
+    ids = torch.tensor([[0, 5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)
+
+
+def test_same_seed_same_curve_bit_for_bit(tmp_path):
+    first = losses(run(make_config(tmp_path, name="a", method="lora", lora_dropout=0.1, validation_split_ratio=0.2)))
+    second = losses(run(make_config(tmp_path, name="b", method="lora", lora_dropout=0.1, validation_split_ratio=0.2)))
+    assert first == second
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    """4 micro batches of 2 give the gradient of one batch of 8, normalised over all its tokens."""
+    rows = [{"instruction": "q" * (1 + i % 5), "output": "a " * (1 + 3 * (i % 4))} for i in range(8)]
+    common = dict(method="full", optimizer="sgd", learning_rate=1.0, max_grad_norm=0.0, max_steps=1, seed=0)
+    big = run(make_config(tmp_path, rows=rows, name="big", micro_batch_size=8, **common))
+    small = run(make_config(tmp_path, rows=rows, name="small", micro_batch_size=2, gradient_accumulation_steps=4, **common))
+    a = load_file(big.final_dir / "model.safetensors")
+    b = load_file(small.final_dir / "model.safetensors")
+    worst = max(float((a[name] - b[name]).abs().max()) for name in a)
+    assert worst < 1e-5, worst
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
+    settings = dict(method="full", max_steps=60, save_steps=2, save_total_limit=2, lr_scheduler="cosine", warmup_steps=3)
+    straight = run(make_config(tmp_path, name="straight", **settings))
+    config = make_config(tmp_path, name="killed", **settings)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "lmtune", "train", str(config)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints / "checkpoint-6" / "state.json").exists():
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(straight.final_dir / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_exploding_loss_stops_with_the_cause(tmp_path):
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*learning_rate 1e\+30 is likely too high"):
+        run(make_config(tmp_path, method="full", learning_rate=1e30, optimizer="sgd", max_grad_norm=0.0))
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
+    result = run(
+        make_config(
+            tmp_path,
+            method="lora",
+            validation_split_ratio=0.25,
+            eval_strategy="steps",
+            eval_steps=2,
+            early_stopping_patience=2,
+            early_stopping_min_delta=100.0,  # nothing counts as better after the first evaluation
+        )
+    )
+    assert result.steps == 6
+    assert result.best_checkpoint.endswith("checkpoint-2")
+    assert Path(result.best_checkpoint).exists()
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all("eval_perplexity" in r for r in evals)
+
+
+def test_outputs_of_a_run(tmp_path):
+    result = run(make_config(tmp_path, method="lora", plot_loss=True, validation_split_ratio=0.25, max_steps=4))
+    folder = result.run_dir
+    assert (folder / "config.resolved.yaml").exists() and (folder / "summary.json").exists()
+    image = (folder / "plots" / "loss.png").read_bytes()
+    assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(image) > 5000
+    records = read_metrics(folder / "metrics.jsonl")
+    assert {"loss", "lr", "grad_norm", "tokens_per_second"} <= set(records[0])
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    path = make_config(tmp_path, method="lora", max_steps=2)
+    run(path)
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+        run(path)
+
+
+def test_dropout_reaches_the_model(tmp_path):
+    from lmtune.model.load import load_model
+
+    config = load_config(make_config(tmp_path, dropout=0.3))
+    model = load_model(config)
+    assert model.config.attention_dropout == 0.3
+
+
+def test_unknown_lora_target_lists_the_layers(tmp_path):
+    from lmtune.model.load import ModelError
+
+    with pytest.raises(ModelError, match="no linear layer named 'query'; it has down_proj, gate_proj, k_proj"):
+        run(make_config(tmp_path, method="lora", lora_target=["query"]))
