@@ -40,15 +40,10 @@ def highlight(tokenizer: Any, ids: Any, labels: Any, color: bool) -> str:
 
 
 def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
-    from transformers import AutoConfig
-
-    from ..model.load import context_length, load_tokenizer, model_location
+    from ..model.load import context_length, load_model_config, load_tokenizer
 
     tokenizer = load_tokenizer(config)
-    m = config.model
-    model_config = AutoConfig.from_pretrained(
-        model_location(m.base_model), revision=m.model_revision, trust_remote_code=m.trust_remote_code
-    )
+    model_config = load_model_config(config)
     data = prepare(config, tokenizer, context_length(model_config), config_dir)
     for line in data.summary.lines():
         print(line)

@@ -27,7 +27,19 @@ class ModelError(ValueError):
 
 
 def model_location(name: str) -> str:
-    return str(builtin_path(name)) if is_builtin(name) else name
+    if is_builtin(name):
+        try:
+            return str(builtin_path(name))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"base_model: {name}: no such folder; give a model folder, a hub id or builtin:tiny")
+    return name
+
+
+def _cannot_load(what: str, where: str, exc: Exception) -> ModelError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"{what}: cannot load {where}: {reason}")
 
 
 def compute_dtype(config: Config) -> torch.dtype:
@@ -39,7 +51,10 @@ def load_tokenizer(config: Config, location: str | None = None) -> Any:
 
     m = config.model
     where = location or model_location(m.tokenizer or m.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _cannot_load("tokenizer" if m.tokenizer else "base_model", where, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is never trained, so any id will do
     return tokenizer
@@ -70,8 +85,22 @@ def quantization_config(config: Config) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def load_model_config(config: Config, location: str | None = None) -> Any:
+    """The model's config.json alone: its context length and dropout fields, without the weights."""
+    from transformers import AutoConfig
+
+    m = config.model
+    if not m.base_model and location is None:
+        raise ModelError("base_model: no model given; set a folder, a hub id or builtin:tiny")
+    where = location or model_location(m.base_model)
+    try:
+        return AutoConfig.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _cannot_load("base_model", where, exc) from None
+
+
 def load_model(config: Config, location: str | None = None, for_training: bool = True) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     m, f = config.model, config.finetuning
     if not m.base_model and location is None:
@@ -83,7 +112,7 @@ def load_model(config: Config, location: str | None = None, for_training: bool =
             "Convert them, or set allow_pickle_weights: true for files you trust"
         )
     overrides: dict[str, Any] = {}
-    model_config = AutoConfig.from_pretrained(where, revision=m.model_revision, trust_remote_code=m.trust_remote_code)
+    model_config = load_model_config(config, where)
     if config.training.dropout is not None:
         overrides = {k: config.training.dropout for k in DROPOUT_FIELDS if hasattr(model_config, k)}
         for key, value in overrides.items():
@@ -110,8 +139,8 @@ def load_model(config: Config, location: str | None = None, for_training: bool =
         kwargs["device_map"] = {"": _device_index()}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except ImportError as exc:
-        raise ModelError(f"base_model: {exc}") from None
+    except (ImportError, OSError) as exc:
+        raise _cannot_load("base_model", where, exc) from None
     model.config.use_cache = False
     return model
 

@@ -1,0 +1,63 @@
+"""`lmtune train`, `data`, `chat`, `eval` and `quickstart` as a user runs them."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lmtune.cli import main
+
+
+def test_quickstart_runs_offline_and_the_metric_improves(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "lmtune", "quickstart", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = re.search(r"exact-match accuracy: (\d+)% before -> (\d+)% after", run.stdout)
+    assert found, run.stdout
+    before, after = int(found.group(1)), int(found.group(2))
+    assert after >= 80 and after > before + 50
+    assert (tmp_path / "run" / "plots" / "loss.png").exists()
+    assert "training:" in run.stderr  # the progress bar
+
+
+def bad_train_config(tmp_path, **settings):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    values = {"base_model": "builtin:tiny", "dataset": str(data), "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "c")}
+    values.update(settings)
+    path = tmp_path / "c.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"stage": "dpo"}, "stage: dpo is not available in this version"),
+        ({"stage": "pt"}, "stage pt cannot learn from chat rows"),
+        ({"stage": "ppo", "reward_model": "x"}, "stage: ppo is not available in this version"),
+        ({"learning_rate": 0}, "learning_rate: must be above 0"),
+        ({"max_input_length": 99999}, "longer than the model's context"),
+        ({"base_model": "./no/such/model"}, "base_model: ./no/such/model: no such folder"),
+        ({"base_model": "builtin:huge"}, "no builtin model 'builtin:huge'"),
+        ({"lora_target": ["nope"]}, "no linear layer named 'nope'"),
+        ({"precision": "fp16"}, "fp16 needs a CUDA GPU"),
+    ],
+)
+def test_train_mistakes_give_one_line_and_exit_1(tmp_path, capsys, settings, message):
+    code = main(["train", bad_train_config(tmp_path, **settings)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert message in err, err
+
+
+def test_data_command_summarises_and_shows(tmp_path, capsys):
+    path = bad_train_config(tmp_path, template="chatml")
+    assert main(["data", path, "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rows read: 1 (1 instruction)" in out and "padding:" in out and "tokens per example:" in out
+    assert "<|im_start|>assistant\n[[b<|im_end|>\n]]" in out
