@@ -217,6 +217,7 @@ def test_packed_batch_loss_equals_unpacked(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from lmtune.engine.loss import summed_token_loss
+    from lmtune.model.packed_attention import use_packed_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     generator = torch.Generator().manual_seed(0)
@@ -226,20 +227,25 @@ def test_packed_batch_loss_equals_unpacked(tiny_dir):
         examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
     bins = pack_bins([len(e["input_ids"]) for e in examples], 24)
     assert len(bins) < len(examples)
-    for implementation in ("sdpa", "eager"):
-        model.config._attn_implementation = implementation
-        with torch.no_grad():
-            alone = [summed_token_loss(model, pad_batch([e], 0), torch.float32) for e in examples]
-            packed = summed_token_loss(model, packed_batch(examples, bins, 0), torch.float32)
-            padded = summed_token_loss(model, pad_batch(examples, 0), torch.float32)
-        assert torch.allclose(packed, sum(alone), atol=1e-4), implementation
-        assert torch.allclose(padded, sum(alone), atol=1e-4), implementation
+    with torch.no_grad():
+        alone = sum(summed_token_loss(model, pad_batch([e], 0)) for e in examples)
+        use_packed_attention(model)
+        packed_row = packed_batch(examples, bins, 0)
+        assert packed_row["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+        packed = summed_token_loss(model, packed_row)
+        padded = summed_token_loss(model, pad_batch(examples, 0))  # eval batches after the switch
+        leaky = dict(packed_row, cu_seq_lens=torch.tensor([0, packed_row["input_ids"].shape[1]]))
+        one_sequence = summed_token_loss(model, leaky)
+    assert torch.allclose(packed, alone, atol=1e-4)
+    assert torch.allclose(padded, alone, atol=1e-4)
+    assert not torch.allclose(one_sequence, alone, atol=1e-2)  # the boundaries are what keeps examples apart
 
 
 def test_packing_and_length_grouping_cut_padding():
     examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in [30, 1000, 45, 700, 120, 600, 33, 950] * 10]
     plain = Batches(examples, 4, 0, seed=1).padding_fraction()
     grouped = Batches(examples, 4, 0, seed=1, group_by_length=True).padding_fraction()
-    packed = Batches(examples, 4, 0, seed=1, packing_length=1024).padding_fraction()
-    packed_rows = Batches(examples, 1, 0, seed=1, packing_length=1024).padding_fraction()
-    assert plain > 0.4 and grouped < plain / 4 and packed < plain and packed_rows == 0.0
+    packed = Batches(examples, 4, 0, seed=1, packing_length=1024)
+    assert plain > 0.4 and grouped < plain / 4 and packed.padding_fraction() == 0.0
+    for batch in packed.epoch(0):
+        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= 4 * 1024

@@ -1,15 +1,15 @@
 """Examples into batches: padded, grouped by length, or packed.
 
-Packed sequences carry `seq_ids` (which example each token belongs to) and
-restarting `position_ids`; `attention_inputs` turns them into a block-diagonal
-causal mask, so packed examples never see each other and the loss equals the
-unpacked loss.
+A packed micro batch is one row without padding: its examples back to back,
+positions restarting per example, and `cu_seq_lens` marking where each starts.
+The attention (model/packed_attention.py) keeps each example to itself, so the
+loss equals the unpacked loss.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,58 +56,51 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def packed_batch(examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Each row holds the examples of one bin back to back; padding is its own block."""
-    totals = [sum(len(examples[i]["input_ids"]) for i in b) for b in bins]
-    longest = max(totals)
-    shape = (len(bins), longest)
-    ids = np.full(shape, pad_id, dtype=np.int64)
-    labels = np.full(shape, IGNORE, dtype=np.int64)
-    positions = np.zeros(shape, dtype=np.int64)
-    seq_ids = np.full(shape, -1, dtype=np.int64)
-    for row, members in enumerate(bins):
-        at = 0
-        for number, index in enumerate(members):
-            example = examples[index]
-            n = len(example["input_ids"])
-            ids[row, at : at + n] = example["input_ids"]
-            labels[row, at : at + n] = example["labels"]
-            labels[row, at] = IGNORE  # nothing in the example predicts its first token
-            positions[row, at : at + n] = np.arange(n)
-            seq_ids[row, at : at + n] = number
-            at += n
-        positions[row, at:] = np.arange(longest - at)
+    """The examples of the chosen bins back to back in one row, with no padding at all.
+
+    `cu_seq_lens` holds where each example starts (and where the last ends); the
+    attention keeps every example to itself, and positions restart per example.
+    """
+    members = [examples[i] for b in bins for i in b]
+    lengths = [len(e["input_ids"]) for e in members]
+    total = sum(lengths)
+    ids = np.empty(total, dtype=np.int64)
+    labels = np.empty(total, dtype=np.int64)
+    positions = np.empty(total, dtype=np.int64)
+    bounds = np.zeros(len(members) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    for example, start, end in zip(members, bounds[:-1], bounds[1:]):
+        ids[start:end] = example["input_ids"]
+        labels[start:end] = example["labels"]
+        labels[start] = IGNORE  # nothing in the example predicts its first token
+        positions[start:end] = np.arange(end - start)
     return {
-        "input_ids": torch.from_numpy(ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(positions),
-        "seq_ids": torch.from_numpy(seq_ids),
+        "input_ids": torch.from_numpy(ids)[None],
+        "labels": torch.from_numpy(labels)[None],
+        "position_ids": torch.from_numpy(positions)[None],
+        "cu_seq_lens": torch.from_numpy(bounds),
     }
 
 
-def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, 1, L, L) additive mask: a token sees earlier tokens of its own example only."""
-    length = seq_ids.shape[1]
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
-    allowed = same & causal
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def attention_inputs(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[str]) -> dict[str, Any]:
     """The keyword arguments a Hugging Face decoder takes for this batch."""
-    if "seq_ids" in batch:
+    if "cu_seq_lens" in batch:
+        from ..model.packed_attention import packed_kwargs
+
         return {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
-            "attention_mask": block_causal_mask(batch["seq_ids"], dtype),
+            **packed_kwargs(batch["cu_seq_lens"], implementation),
         }
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 class Batches:
-    """One epoch's micro batches, reproducible from (seed, epoch), resumable from a position."""
+    """One epoch's micro batches, reproducible from (seed, epoch), resumable from a position.
+
+    With packing, a micro batch is `micro_batch_size` bins of up to `packing_length`
+    tokens each, flattened into one padding-free row.
+    """
 
     def __init__(
         self,
@@ -153,7 +146,7 @@ class Batches:
         """Share of computed positions that are padding in one epoch (from lengths, no tensors)."""
         lengths = lengths_of(self.examples)
         if self.bins is not None:
-            lengths = [sum(lengths[i] for i in b) for b in self.bins]
+            return 0.0  # packed micro batches are one row of real tokens
         order = self._order(epoch)
         real = total = 0
         for start in range(0, len(order), self.micro_batch_size):

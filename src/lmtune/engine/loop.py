@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from ..data.batches import Batches
 from ..data.pipeline import prepare
 from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
 from ..model.methods import apply_method, parameter_counts
+from ..model.packed_attention import use_packed_attention
 from ..stages import stage_for
 from . import checkpoint
 from .optim import build_optimizer, build_scheduler
@@ -49,6 +50,7 @@ class LoopState:
     best_checkpoint: Optional[str] = None
     evals_without_gain: int = 0
     trained_tokens: int = 0
+    real_tokens: int = 0  # non-padding positions computed (prompts included)
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -118,7 +120,20 @@ def evaluate(model: Any, stage: Any, batches: Batches, accelerator: Any, dtype: 
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def train(config: Config, config_dir: Optional[Path] = None, resume: Optional[str] = None, quiet: bool = False) -> RunResult:
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    if "cu_seq_lens" in batch:
+        return batch["input_ids"].numel()  # packed rows hold no padding
+    return int(batch["attention_mask"].sum())
+
+
+def train(
+    config: Config,
+    config_dir: Optional[Path] = None,
+    resume: Optional[str] = None,
+    quiet: bool = False,
+    on_step: Optional[Callable[[LoopState], None]] = None,
+) -> RunResult:
+    """Run one training; `on_step` is called after every optimizer step (benchmarks, integrations)."""
     from tqdm.auto import tqdm
 
     t, o = config.training, config.output
@@ -161,6 +176,8 @@ def train(config: Config, config_dir: Optional[Path] = None, resume: Optional[st
         print(f"data: padding {train_batches.padding_fraction():.1%} of the positions of training batches")
 
     # -- model and method -----------------------------------------------------
+    if train_batches.bins is not None:
+        use_packed_attention(model)
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
     if trainable == 0:
@@ -240,6 +257,7 @@ def train(config: Config, config_dir: Optional[Path] = None, resume: Optional[st
             # Normalise by the trained tokens of the whole accumulated batch (over all processes),
             # so accumulation and data parallelism give the gradients of one big batch.
             tokens = sum(stage.count(b) for b in group)
+            state.real_tokens += sum(real_tokens(b) for b in group)
             global_tokens = tokens
             if world > 1:
                 global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
@@ -272,6 +290,8 @@ def train(config: Config, config_dir: Optional[Path] = None, resume: Optional[st
             window_tokens += tokens
             last_loss = loss_value
             bar.update(1)
+            if on_step is not None:
+                on_step(state)
 
             if state.global_step % o.logging_steps == 0 or state.global_step == total_steps:
                 elapsed = time.perf_counter() - window_start

@@ -32,12 +32,12 @@ def _uses_plain_head(model: torch.nn.Module) -> bool:
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    inputs = attention_inputs(batch, dtype)
+    inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not _uses_plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits[keep], targets[keep], reduction="sum")

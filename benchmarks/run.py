@@ -1,0 +1,400 @@
+"""lmtune against the plain Hugging Face baseline, on the same jobs, in the same run.
+
+    python benchmarks/run.py            # full: 3 alternated runs per tool and job, writes RESULTS.md
+    python benchmarks/run.py --quick    # 1 run each, fewer rows: a smoke test in a few minutes
+
+The baseline is what a user would otherwise write: transformers `Trainer`
+(+ `peft` for LoRA), a collator that pads each batch to its longest example,
+no packing. Each run is a fresh child process, so peak memory and time to the
+first optimizer step are measured from process start. Both tools train the
+same examples for the same number of epochs; the held-out loss of both final
+models is computed by one function, here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"
+
+JOBS = {
+    "sft_lora": {"stage": "sft", "method": "lora", "learning_rate": 2e-4},
+    "sft_full": {"stage": "sft", "method": "full", "learning_rate": 5e-5},
+    "pt": {"stage": "pt", "method": "full", "learning_rate": 5e-5},
+}
+MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+MAX_LEN = 1024
+
+
+# -- shared setup ---------------------------------------------------------------------------
+
+
+def build_model(folder: Path) -> None:
+    """A ~30M-parameter Llama from a config, with lmtune's builtin tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lmtune.model.builtin import builtin_path
+
+    if (folder / "model.safetensors").exists():
+        return
+    tokenizer = AutoTokenizer.from_pretrained(builtin_path("builtin:tiny"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **MODEL,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    from lmtune.model.builtin import WORDS
+
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def build_data(folder: Path, rows: int) -> None:
+    """Instruction rows whose tokenised lengths spread from about 30 to 1000 tokens (log-normal)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+
+    def row() -> dict[str, str]:
+        total = int(min(1000, max(30, rng.lognormvariate(math.log(220), 0.8))))
+        prompt = max(8, int(total * rng.uniform(0.3, 0.7)))
+        return {"instruction": sentence(rng, prompt), "output": sentence(rng, max(4, total - prompt))}
+
+    for name, count in (("train.jsonl", rows), ("heldout.jsonl", max(16, rows // 10))):
+        with (folder / name).open("w") as handle:
+            for _ in range(count):
+                handle.write(json.dumps(row()) + "\n")
+    with (folder / "text.jsonl").open("w") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({"text": sentence(rng, int(min(1000, max(30, rng.lognormvariate(math.log(220), 0.8)))))}) + "\n")
+
+
+def lmtune_config(job: str, model: Path, data: Path, out: Path, epochs: float) -> dict:
+    spec = JOBS[job]
+    config = {
+        "base_model": str(model),
+        "stage": spec["stage"],
+        "method": spec["method"],
+        "dataset": str(data / ("text.jsonl" if job == "pt" else "train.jsonl")),
+        "template": None if job == "pt" else "alpaca",
+        "max_input_length": MAX_LEN,
+        "packing": job != "pt",
+        "micro_batch_size": 2,
+        "epochs": epochs,
+        "learning_rate": spec["learning_rate"],
+        "lr_scheduler": "linear",
+        "logging_steps": 1000,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,
+        "cache_dir": str(out / "cache"),
+        "plot_loss": False,
+        "seed": 0,
+    }
+    if spec["method"] == "lora":
+        config.update(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target=["attention"])
+    return config
+
+
+# -- the two tools, each in its own process --------------------------------------------------
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float) -> dict:
+    from lmtune.config.load import resolve
+    from lmtune.engine.loop import train
+
+    marks: dict = {}
+
+    def on_step(state) -> None:
+        now = time.perf_counter()
+        if state.global_step == 1:
+            marks["first"] = now - STARTED
+            marks["start"], marks["tokens0"] = now, state.real_tokens
+        marks["end"], marks["tokens"] = now, state.real_tokens
+
+    resolved = resolve(data=lmtune_config(job, model, data, out, epochs))
+    assert resolved.config is not None, resolved.errors
+    result = train(resolved.config, quiet=True, on_step=on_step)
+    steady = marks["end"] - marks["start"]
+    return {
+        "first_step_s": marks["first"],
+        "tokens_per_s": (marks["tokens"] - marks["tokens0"]) / steady,
+        "steps": result.steps,
+        "padding": _lmtune_padding(resolved.config),
+        "peak_mb": peak_memory_mb(),
+        "final": str(result.final_dir),
+    }
+
+
+def _lmtune_padding(config) -> float:
+    from transformers import AutoTokenizer
+
+    from lmtune.data.pipeline import prepare
+    from lmtune.stages import stage_for
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.base_model)
+    data = prepare(config, tokenizer, 2048)
+    return stage_for(config).batches(data.train, config, tokenizer, True, data.summary.max_len).padding_fraction()
+
+
+def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: float) -> dict:
+    """What a user writes with plain transformers + peft: tokenize, pad to longest, Trainer."""
+    import torch
+    from datasets import load_dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    spec = JOBS[job]
+    if spec["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+        )
+    if job == "pt":
+        raw = load_dataset("json", data_files=str(data / "text.jsonl"), split="train")
+
+        def chunk(batch):
+            ids = [t for text in batch["text"] for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+            blocks = [ids[i : i + MAX_LEN] for i in range(0, len(ids), MAX_LEN)]
+            return {"input_ids": blocks, "labels": blocks, "attention_mask": [[1] * len(b) for b in blocks]}
+
+        dataset = raw.map(chunk, batched=True, batch_size=len(raw), remove_columns=raw.column_names)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest")
+    else:
+        raw = load_dataset("json", data_files=str(data / "train.jsonl"), split="train")
+
+        def encode(row):
+            prompt = f"{tokenizer.bos_token}### Instruction:\n{row['instruction']}\n\n### Response:\n"
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(row["output"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            ids = (p + a)[:MAX_LEN]
+            return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + a)[:MAX_LEN]}
+
+        dataset = raw.map(encode, remove_columns=raw.column_names)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+
+    marks: dict = {"real": 0, "positions": 0}
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if state.global_step == 1:
+                marks["first"] = now - STARTED
+                marks["start"], marks["real0"] = now, marks["real"]
+            marks["end"], marks["real_end"] = now, marks["real"]
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs["attention_mask"]
+            marks["real"] += int(mask.sum())
+            marks["positions"] += mask.numel()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    arguments = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_train_epochs=epochs,
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="linear",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = CountingTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator or default_data_collator, callbacks=[Timing()])
+    trainer.train()
+    final = out / "final"
+    trainer.save_model(str(final))
+    steady = marks["end"] - marks["start"]
+    return {
+        "first_step_s": marks["first"],
+        "tokens_per_s": (marks["real_end"] - marks["real0"]) / steady,
+        "steps": trainer.state.global_step,
+        "padding": 1 - marks["real"] / marks["positions"],
+        "peak_mb": peak_memory_mb(),
+        "final": str(final),
+    }
+
+
+# -- held-out loss, the same function for both ---------------------------------------------------
+
+
+def heldout_loss(final: Path, base: Path, data: Path, job: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if (final / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(final)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for line in (data / "heldout.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if job == "pt":
+                ids = tokenizer(row["instruction"] + " " + row["output"], add_special_tokens=False)["input_ids"][:MAX_LEN]
+                labels = list(ids)
+            else:
+                p = tokenizer(f"{tokenizer.bos_token}### Instruction:\n{row['instruction']}\n\n### Response:\n", add_special_tokens=False)["input_ids"]
+                a = tokenizer(row["output"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+                ids, labels = (p + a)[:MAX_LEN], ([-100] * len(p) + a)[:MAX_LEN]
+            input_ids = torch.tensor([ids])
+            target = torch.tensor([labels])[:, 1:]
+            logits = model(input_ids=input_ids).logits[:, :-1]
+            keep = target != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+def command_speed() -> dict:
+    """Wall time of `lmtune check` and `lmtune explain` on a config, median of 5."""
+    config = Path(__file__).resolve().parents[1] / "examples" / "sft_lora.yaml"
+    out = {}
+    for name, argv in (("check", ["check", str(config)]), ("explain", ["explain", str(config)])):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lmtune", *argv], capture_output=True, check=False)
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
+# -- orchestration --------------------------------------------------------------------------------
+
+
+def run_child(tool: str, job: str, model: Path, data: Path, epochs: float, index: int) -> dict:
+    out = WORK / "runs" / f"{job}-{tool}-{index}"
+    command = [sys.executable, __file__, "--child", tool, "--job", job, "--model", str(model), "--data", str(data), "--out", str(out), "--epochs", str(epochs)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise SystemExit(f"{tool} {job} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["heldout_loss"] = heldout_loss(Path(result["final"]), model, data, job)
+    return result
+
+
+def machine() -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 run per tool and job on fewer rows")
+    parser.add_argument("--jobs", default=",".join(JOBS))
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--child", choices=["lmtune", "baseline"])
+    parser.add_argument("--job")
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    args = parser.parse_args()
+
+    if args.child:
+        child = child_lmtune if args.child == "lmtune" else child_baseline
+        print(json.dumps(child(args.job, Path(args.model), Path(args.data), Path(args.out), args.epochs)))
+        return
+
+    runs = args.runs or (1 if args.quick else 3)
+    rows = args.rows or (48 if args.quick else 160)
+    model, data = WORK / "model-30m", WORK / f"data-{rows}"
+    print(f"building the benchmark model and {rows} rows of data in {WORK}")
+    build_model(model)
+    build_data(data, rows)
+    results: dict = {"machine": machine(), "runs": runs, "rows": rows, "jobs": {}}
+    for job in args.jobs.split(","):
+        per_tool: dict = {"lmtune": [], "baseline": []}
+        for index in range(runs):
+            for tool in ("baseline", "lmtune") if index % 2 == 0 else ("lmtune", "baseline"):  # alternate
+                outcome = run_child(tool, job, model, data, 1.0, index)
+                per_tool[tool].append(outcome)
+                print(f"  {job:9} {tool:8} run {index + 1}: {outcome['tokens_per_s']:8.0f} tok/s  padding {outcome['padding']:5.1%}  "
+                      f"peak {outcome['peak_mb']:7.0f} MB  first step {outcome['first_step_s']:5.1f}s  held-out {outcome['heldout_loss']:.4f}")
+        median = {tool: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "padding", "peak_mb", "first_step_s", "heldout_loss")} for tool, rs in per_tool.items()}
+        median["ratio"] = {k: median["lmtune"][k] / median["baseline"][k] for k in ("tokens_per_s", "peak_mb", "first_step_s")}
+        results["jobs"][job] = median
+    results["commands_s"] = command_speed()
+    out_json = HERE / ("results-quick.json" if args.quick else "results.json")
+    out_json.write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    print(table)
+    if not args.quick:
+        (HERE / "RESULTS.md").write_text(table)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {results['machine']}. Medians of {results['runs']} alternated runs per tool, {results['rows']} training rows, 1 epoch.",
+        "Written by `python benchmarks/run.py`; ratios are lmtune / baseline (transformers Trainer + peft, padding to the longest).",
+        "",
+        "| job | tool | non-padding tok/s | padding | peak MB | first step s | held-out loss |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for job, median in results["jobs"].items():
+        for tool in ("baseline", "lmtune"):
+            m = median[tool]
+            lines.append(f"| {job} | {tool} | {m['tokens_per_s']:.0f} | {m['padding']:.1%} | {m['peak_mb']:.0f} | {m['first_step_s']:.1f} | {m['heldout_loss']:.4f} |")
+        r = median["ratio"]
+        lines.append(f"| {job} | **ratio** | **{r['tokens_per_s']:.2f}x** | | **{r['peak_mb']:.2f}x** | **{r['first_step_s']:.2f}x** | |")
+    c = results["commands_s"]
+    lines += ["", f"`lmtune check`: {c['check']:.2f} s, `lmtune explain`: {c['explain']:.2f} s (wall, median of 5)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
