@@ -115,17 +115,6 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type, ...]:
-    """Exceptions that mean a mistake in the config, data or model choice: one line, no traceback."""
-    from .config.load import ConfigError
-    from .data.records import DataError
-    from .engine.loop import TrainingError
-    from .model.load import ModelError
-    from .stages import StageNotAvailable
-
-    return (ConfigError, DataError, ModelError, TrainingError, StageNotAvailable)
-
-
 def _valid_config(args: argparse.Namespace):
     from .config.load import resolve
 
@@ -145,14 +134,9 @@ def run_train(args: argparse.Namespace) -> int:
     config = _valid_config(args)
     if config is None:
         return 1
-    errors = _user_errors()
     from .engine.loop import train
 
-    try:
-        result = train(config, Path(args.config).resolve().parent, resume=args.resume)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = train(config, Path(args.config).resolve().parent, resume=args.resume)
     print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} trained tokens/s)")
     if result.train_loss is not None:
         print(f"  last train loss {result.train_loss:.4f}" + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
@@ -172,14 +156,9 @@ def run_data(args: argparse.Namespace) -> int:
     config = _valid_config(args)
     if config is None:
         return 1
-    errors = _user_errors()
     from .data.inspect import show_data
 
-    try:
-        show_data(config, Path(args.config).resolve().parent, args.show)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    show_data(config, Path(args.config).resolve().parent, args.show)
     return 0
 
 
@@ -230,15 +209,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     config = _valid_config(args)
     if config is None:
         return 1
-    errors = _user_errors()
     _quiet_transformers()
     from .engine.evaluate import evaluate_run
 
-    try:
-        metrics = evaluate_run(config, Path(args.config).resolve().parent, args.checkpoint)
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    metrics = evaluate_run(config, Path(args.config).resolve().parent, args.checkpoint)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
@@ -272,15 +246,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 @command("quickstart")
 def run_quickstart(args: argparse.Namespace) -> int:
-    errors = _user_errors()
     from .quickstart import run
 
     _quiet_transformers()
-    try:
-        return run(Path(args.out))
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run(Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return COMMANDS[args.command](args)
+    from .errors import UserError
+
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
+from ..errors import UserError
+
 from . import aliases
 from .schema import GROUPS, KEY_GROUP, Config, field_info
 
@@ -60,7 +62,7 @@ class Resolved:
         return key in self.sources and self.sources[key].origin != "default"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """Raised where a caller needs a valid config and there is none."""
 
     def __init__(self, problems: list[Problem]):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from ..errors import UserError
+
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 ROLE_NAMES = {
@@ -31,7 +33,7 @@ ROLE_NAMES = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in the user's data; the message names the place and the fix."""
 
 

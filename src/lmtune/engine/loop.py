@@ -26,6 +26,7 @@ import torch
 from ..config.schema import Config
 from ..data.batches import Batches
 from ..data.pipeline import prepare
+from ..errors import UserError
 from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
 from ..model.methods import apply_method, parameter_counts
 from ..model.packed_attention import use_packed_attention
@@ -35,7 +36,7 @@ from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, plot_loss
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message says why and what to change."""
 
 

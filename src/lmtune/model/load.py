@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config.schema import Config
+from ..errors import UserError
 from .builtin import builtin_path, is_builtin
 
 DROPOUT_FIELDS = (
@@ -22,7 +23,7 @@ DROPOUT_FIELDS = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be used as configured; the message names the key and the fix."""
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..config.schema import Config
+from ..errors import UserError
 
 
-class StageNotAvailable(ValueError):
-    pass
+class StageNotAvailable(UserError, ValueError):
+    """A stage the schema knows that this version cannot train yet."""
 
 
 def stage_for(config: Config) -> Any:
