@@ -375,7 +375,7 @@ def main() -> None:
         return
 
     runs = args.runs or (1 if args.quick else 3)
-    rows = args.rows or (48 if args.quick else 160)
+    rows = args.rows or (48 if args.quick else 128)
     model, data = WORK / "model-30m", WORK / f"data-{rows}"
     print(f"building the benchmark model and {rows} rows of data in {WORK}")
     build_model(model)

@@ -6,7 +6,6 @@ and every mistake becomes one `Problem` line that names the key and the fix.
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +126,8 @@ def _is_optional(key: str) -> bool:
 
 
 def _suggest(name: str) -> str:
+    import difflib  # only for mistakes: keeps `lmtune check` on a good config fast
+
     close = difflib.get_close_matches(name, aliases.every_known_name(), n=1, cutoff=0.6)
     if close:
         target = close[0]

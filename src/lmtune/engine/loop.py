@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,8 @@ def train(
 
     t, o = config.training, config.output
     started = time.perf_counter()
+    # peft calls a transformers method that transformers itself marks deprecated; nothing for our users to do.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     notes: list[str] = []
     seed_everything(t.seed)
     accelerator = make_accelerator(config)
