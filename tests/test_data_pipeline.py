@@ -14,7 +14,6 @@ from lmtune.config import load_config
 from lmtune.data import pipeline
 from lmtune.data.batches import Batches, pack_bins, packed_batch, pad_batch
 from lmtune.data.pipeline import prepare, split_rows
-from lmtune.data.records import DataError
 
 BAD_DATA = sorted(p for p in (FIXTURES / "bad_data").iterdir() if p.is_dir())
 

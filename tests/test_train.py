@@ -164,6 +164,8 @@ def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
     a = load_file(straight.final_dir / "model.safetensors")
     b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    # and the log reads as one run: each step once, the same losses as the uninterrupted run
+    assert losses(straight) == [r["loss"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
 
 
 def test_exploding_loss_stops_with_the_cause(tmp_path):

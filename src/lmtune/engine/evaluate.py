@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 from ..config.schema import Config
 from ..data.pipeline import prepare

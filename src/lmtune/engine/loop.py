@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,8 +33,8 @@ from ..model.methods import apply_method, parameter_counts
 from ..model.packed_attention import use_packed_attention
 from ..stages import stage_for
 from . import checkpoint
-from .optim import build_optimizer, build_scheduler
-from .report import MetricsLog, plot_loss
+from .optim import build_optimizer, build_scheduler, warmup_steps
+from .report import MetricsLog, plot_loss, read_metrics
 
 
 class TrainingError(UserError, RuntimeError):
@@ -54,7 +54,6 @@ class LoopState:
     trained_tokens: int = 0
     real_tokens: int = 0  # non-padding positions computed (prompts included)
     stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,8 +159,11 @@ def train(
         )
     if main_process:
         if resume is None and run_dir.exists() and o.overwrite_output_dir:
-            for stale in ("metrics.jsonl",):
+            # Starting over: nothing of the old run may be mistaken for this one's (a later --resume included).
+            for stale in ("metrics.jsonl", "summary.json"):
                 (run_dir / stale).unlink(missing_ok=True)
+            for stale in ("checkpoints", "final", "plots", "tensorboard"):
+                shutil.rmtree(run_dir / stale, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
@@ -194,6 +196,11 @@ def train(
     accum = t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(train_batches) / accum)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    warm = warmup_steps(t, total_steps)
+    if warm > total_steps:
+        notes.append(f"warmup ({warm} steps) is longer than the run ({total_steps} steps): the learning rate never peaks")
+        if not quiet and main_process:
+            print(f"warning: warmup_steps: {notes[-1]}")
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -209,6 +216,9 @@ def train(
         if path is None or not (path / "state.json").exists():
             raise TrainingError(f"resume_from_checkpoint: no complete checkpoint at {resume if path is None else path}")
         state = LoopState(**checkpoint.load(path, accelerator.unwrap_model(model), optimizer, scheduler))
+        if main_process:  # what the interrupted run logged after this checkpoint is logged again now
+            kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= state.global_step]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         if not quiet and main_process:
             print(f"resumed from {path} at step {state.global_step}")
     elif main_process:

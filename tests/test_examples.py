@@ -1,0 +1,18 @@
+"""Every example config passes `check` and trains a couple of steps."""
+
+
+import pytest
+
+from conftest import ROOT
+from lmtune.cli import main
+
+EXAMPLES = sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".yaml", ".json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_checks_and_trains(path, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(path.parent)
+    assert main(["check", str(path)]) == 0, capsys.readouterr().out
+    overrides = ["--set", f"output_dir={tmp_path / 'run'}", "--set", "max_steps=2", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", str(path), *overrides]) == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "final" / "lmtune.json").exists()
