@@ -64,6 +64,13 @@ def test_sagemaker_hyperparameters_pass_check(name, capsys):
     assert "alias epoch (SageMaker JumpStart)" in out
 
 
+def test_sagemaker_template_json_is_not_a_config_and_check_says_which_keys(capsys):
+    code = main(["check", str(COMPAT / "sagemaker" / "template.json")])
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    assert code == 1
+    assert [line.split(":")[1].strip() for line in errors] == ["prompt", "completion"]
+
+
 def test_sagemaker_hyperparameters_resolve_to_typed_values(capsys):
     main(["check", "--json", str(COMPAT / "sagemaker" / "hyperparameters.json")])
     report = json.loads(capsys.readouterr().out)

@@ -12,7 +12,7 @@ from conftest import COMPAT, FIXTURES
 from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.data import pipeline
-from lmtune.data.batches import Batches, pack_bins, packed_batch, pad_batch
+from lmtune.data.batches import Batches, packed_batch, pad_batch
 from lmtune.data.pipeline import prepare, split_rows
 
 BAD_DATA = sorted(p for p in (FIXTURES / "bad_data").iterdir() if p.is_dir())
@@ -224,12 +224,10 @@ def test_packed_batch_loss_equals_unpacked(tiny_dir):
     for n in (7, 12, 5, 9, 16, 3):
         ids = torch.randint(5, 1000, (n,), generator=generator).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    bins = pack_bins([len(e["input_ids"]) for e in examples], 24)
-    assert len(bins) < len(examples)
     with torch.no_grad():
         alone = sum(summed_token_loss(model, pad_batch([e], 0)) for e in examples)
         use_packed_attention(model)
-        packed_row = packed_batch(examples, bins, 0)
+        packed_row = packed_batch(examples)
         assert packed_row["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
         packed = summed_token_loss(model, packed_row)
         padded = summed_token_loss(model, pad_batch(examples, 0))  # eval batches after the switch
@@ -244,7 +242,8 @@ def test_packing_and_length_grouping_cut_padding():
     examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in [30, 1000, 45, 700, 120, 600, 33, 950] * 10]
     plain = Batches(examples, 4, 0, seed=1).padding_fraction()
     grouped = Batches(examples, 4, 0, seed=1, group_by_length=True).padding_fraction()
-    packed = Batches(examples, 4, 0, seed=1, packing_length=1024)
+    packed = Batches(examples, 4, 0, seed=1, packing=True)
     assert plain > 0.4 and grouped < plain / 4 and packed.padding_fraction() == 0.0
-    for batch in packed.epoch(0):
-        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= 4 * 1024
+    padded = Batches(examples, 4, 0, seed=1)
+    for row, block in zip(packed.epoch(0), padded.epoch(0)):  # the same examples, laid out without padding
+        assert row["input_ids"].shape == (1, int(block["attention_mask"].sum()))

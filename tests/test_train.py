@@ -132,6 +132,14 @@ def test_same_seed_same_curve_bit_for_bit(tmp_path):
     assert first == second
 
 
+def test_packing_does_not_change_what_is_learned(tmp_path):
+    """Packed and padded runs train the same examples per step: the same loss curve, within float error."""
+    rows = [{"instruction": "q " * (1 + i % 7), "output": "a " * (1 + 3 * (i % 5))} for i in range(32)]
+    padded = losses(run(make_config(tmp_path, rows=rows, name="padded", method="full")))
+    packed = losses(run(make_config(tmp_path, rows=rows, name="packed", method="full", packing=True)))
+    assert packed == pytest.approx(padded, rel=1e-4)
+
+
 def test_accumulation_matches_one_big_batch(tmp_path):
     """4 micro batches of 2 give the gradient of one batch of 8, normalised over all its tokens."""
     rows = [{"instruction": "q" * (1 + i % 5), "output": "a " * (1 + 3 * (i % 4))} for i in range(8)]
@@ -223,3 +231,35 @@ def test_unknown_lora_target_lists_the_layers(tmp_path):
 
     with pytest.raises(ModelError, match="no linear layer named 'query'; it has down_proj, gate_proj, k_proj"):
         run(make_config(tmp_path, method="lora", lora_target=["query"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_gradient_checkpointing_trains(tmp_path, method):
+    settings = {**METHODS[method], "gradient_checkpointing": True}
+    curve = losses(run(make_config(tmp_path, **settings)))
+    assert sum(curve[-3:]) / 3 < 0.9 * curve[0], curve
+
+
+def test_eval_command_on_a_run_and_on_a_checkpoint(tmp_path, capsys):
+    from lmtune.cli import main
+
+    path = make_config(tmp_path, method="lora", validation_split_ratio=0.25, save_steps=6)
+    result = run(path)
+    for target in (str(result.run_dir), str(result.run_dir / "checkpoints" / "checkpoint-12")):
+        assert main(["eval", str(path), "--checkpoint", target]) == 0
+        out = capsys.readouterr().out
+        assert "examples: 8" in out
+        reported = float(out.split("eval_loss: ")[1].split()[0])
+        assert reported == pytest.approx(result.eval_loss, abs=1e-3)
+
+
+def test_chat_prompt_answers_with_the_training_template(tmp_path, capsys):
+    from lmtune.cli import main
+    from lmtune.generate import answer, load_for_inference
+
+    result = run(make_config(tmp_path, method="lora"))
+    assert main(["chat", str(result.run_dir), "--prompt", "What is item 3?", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tokenizer, meta = load_for_inference(result.run_dir)
+    expected = answer(model, tokenizer, [[{"role": "user", "content": "What is item 3?"}]], meta["template"], max_new_tokens=8)[0]
+    assert printed == expected

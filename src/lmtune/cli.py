@@ -171,19 +171,20 @@ def _quiet_transformers() -> None:
 
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
-    from .generate import answer, load_for_inference
+    from .generate import answer, generation_settings, load_for_inference
 
     _quiet_transformers()
     if not Path(args.run).exists():
         print(f"error: {args.run}: no such run folder", file=sys.stderr)
         return 1
     model, tokenizer, meta = load_for_inference(args.run)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or 1.0,
-        demarcation=meta.get("add_input_output_demarcation_key", False),
-    )
+    # The run's own generation settings, unless the command line says otherwise.
+    options = generation_settings(args.run)
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        options.update(do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    options["demarcation"] = meta.get("add_input_output_demarcation_key", False)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(answer(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], meta.get("template"), **options)[0])
@@ -289,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run folder (output_dir) or its final/ folder")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_new_tokens")
+    p.add_argument("--temperature", type=float, default=None, help="0 answers greedily; default: the run's settings")
 
     p = sub.add_parser("eval", help="eval loss and perplexity of a trained model on the config's validation data")
     p.add_argument("config")

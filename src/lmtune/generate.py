@@ -45,6 +45,17 @@ def load_for_inference(run: str | Path, merge: bool = False) -> tuple[Any, Any, 
     return model, tokenizer, meta
 
 
+def generation_settings(run: str | Path) -> dict[str, Any]:
+    """The generation settings of the config a run was trained with (its config.resolved.yaml)."""
+    import yaml
+
+    path = Path(run)
+    resolved = path / "config.resolved.yaml" if (path / "config.resolved.yaml").exists() else path.parent / "config.resolved.yaml"
+    flat = yaml.safe_load(resolved.read_text()) if resolved.exists() else {}
+    keys = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+    return {k: flat[k] for k in keys if k in flat}
+
+
 def stop_ids(tokenizer: Any, model: Any) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else [ids] if ids is not None else []
@@ -64,6 +75,7 @@ def answer(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 50,
+    repetition_penalty: float = 1.0,
     demarcation: bool = False,
 ) -> list[str]:
     """Greedy (or sampled) answers to conversations that end with a user turn."""
@@ -83,6 +95,7 @@ def answer(
         max_new_tokens=max_new_tokens,
         eos_token_id=stop_ids(tokenizer, model),
         pad_token_id=pad,
+        repetition_penalty=repetition_penalty,
         **sampling,
     )
     return [tokenizer.decode(row[longest:], skip_special_tokens=True).strip() for row in output]

@@ -679,7 +679,8 @@ class DistributedArgs(Group):
     enable_fsdp: bool = setting(
         False,
         "Shard parameters, gradients and optimizer states across devices with "
-        "PyTorch FSDP, so models too large for one device can train.",
+        "PyTorch FSDP, so models too large for one device can train. (Validated "
+        "now; `train` refuses it until sharding lands.)",
         jumpstart=("enable_fsdp",),
     )
     fsdp_sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = setting(
@@ -805,7 +806,7 @@ class SageMakerArgs(Group):
         None, "SageMaker: where the job's source archive came from (recorded)."
     )
     sagemaker_container_log_level: Optional[int] = setting(
-        None, "SageMaker: Python logging level of the container (10 debug ... 40 error); sets lmtune's log level."
+        None, "SageMaker: Python logging level of the container (10 debug ... 40 error); applied to the run's loggers."
     )
 
 

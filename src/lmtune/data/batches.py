@@ -37,39 +37,20 @@ def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int, prefix: str = "")
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "attention_mask": torch.from_numpy(mask)}
 
 
-def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: example indices grouped into sequences of at most `capacity` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for index in order:
-        size = lengths[index]
-        for b, free in enumerate(room):
-            if free >= size:
-                bins[b].append(index)
-                room[b] -= size
-                break
-        else:
-            bins.append([index])
-            room.append(capacity - size)
-    return bins
-
-
-def packed_batch(examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """The examples of the chosen bins back to back in one row, with no padding at all.
+def packed_batch(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The examples back to back in one row, with no padding at all.
 
     `cu_seq_lens` holds where each example starts (and where the last ends); the
     attention keeps every example to itself, and positions restart per example.
     """
-    members = [examples[i] for b in bins for i in b]
-    lengths = [len(e["input_ids"]) for e in members]
+    lengths = [len(e["input_ids"]) for e in examples]
     total = sum(lengths)
     ids = np.empty(total, dtype=np.int64)
     labels = np.empty(total, dtype=np.int64)
     positions = np.empty(total, dtype=np.int64)
-    bounds = np.zeros(len(members) + 1, dtype=np.int64)
+    bounds = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
-    for example, start, end in zip(members, bounds[:-1], bounds[1:]):
+    for example, start, end in zip(examples, bounds[:-1], bounds[1:]):
         ids[start:end] = example["input_ids"]
         labels[start:end] = example["labels"]
         labels[start] = IGNORE  # nothing in the example predicts its first token
@@ -98,8 +79,10 @@ def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[st
 class Batches:
     """One epoch's micro batches, reproducible from (seed, epoch), resumable from a position.
 
-    With packing, a micro batch is `micro_batch_size` bins of up to `packing_length`
-    tokens each, flattened into one padding-free row.
+    A micro batch is `micro_batch_size` examples whether packed or not: packing
+    only changes how they are laid out (one padding-free row instead of a padded
+    block), never which examples are trained together, so it cannot change what
+    is learned.
     """
 
     def __init__(
@@ -108,7 +91,7 @@ class Batches:
         micro_batch_size: int,
         pad_id: int,
         *,
-        packing_length: int = 0,
+        packing: bool = False,
         group_by_length: bool = False,
         shuffle: bool = True,
         seed: int = 0,
@@ -116,23 +99,21 @@ class Batches:
         self.examples = examples
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
+        self.packing = packing
         self.shuffle = shuffle
         self.seed = seed
         self.group_by_length = group_by_length
-        self.bins = pack_bins(lengths_of(examples), packing_length) if packing_length else None
 
     def __len__(self) -> int:
-        units = len(self.bins) if self.bins is not None else len(self.examples)
-        return (units + self.micro_batch_size - 1) // self.micro_batch_size
+        return (len(self.examples) + self.micro_batch_size - 1) // self.micro_batch_size
 
     def _order(self, epoch: int) -> list[int]:
-        units = len(self.bins) if self.bins is not None else len(self.examples)
-        order = list(range(units))
+        order = list(range(len(self.examples)))
         if not self.shuffle:
             return order
         rng = random.Random(self.seed * 1_000_003 + epoch)
         rng.shuffle(order)
-        if self.group_by_length and self.bins is None:
+        if self.group_by_length:
             # Sort within mega-batches of 50 micro batches: similar lengths together, still shuffled.
             lengths = lengths_of(self.examples)
             size = self.micro_batch_size * 50
@@ -144,9 +125,9 @@ class Batches:
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of computed positions that are padding in one epoch (from lengths, no tensors)."""
-        lengths = lengths_of(self.examples)
-        if self.bins is not None:
+        if self.packing:
             return 0.0  # packed micro batches are one row of real tokens
+        lengths = lengths_of(self.examples)
         order = self._order(epoch)
         real = total = 0
         for start in range(0, len(order), self.micro_batch_size):
@@ -158,8 +139,5 @@ class Batches:
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         order = self._order(epoch)
         for start in range(skip * self.micro_batch_size, len(order), self.micro_batch_size):
-            chosen = order[start : start + self.micro_batch_size]
-            if self.bins is not None:
-                yield packed_batch(self.examples, [self.bins[i] for i in chosen], self.pad_id)
-            else:
-                yield pad_batch([self.examples[i] for i in chosen], self.pad_id)
+            chosen = [self.examples[i] for i in order[start : start + self.micro_batch_size]]
+            yield packed_batch(chosen) if self.packing else pad_batch(chosen, self.pad_id)

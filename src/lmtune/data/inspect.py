@@ -52,9 +52,13 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
     print(f"tokens per example: {percentiles(lengths)}")
     if field == "input_ids":
         size = config.training.micro_batch_size
-        padded = Batches(data.train, size, tokenizer.pad_token_id, seed=config.training.seed)
-        packed = Batches(data.train, size, tokenizer.pad_token_id, packing_length=data.summary.max_len, seed=config.training.seed)
-        print(f"padding: {padded.padding_fraction():.1%} of positions in batches of {size}; {packed.padding_fraction():.1%} with packing")
+        seed = config.training.seed
+        padded = Batches(data.train, size, tokenizer.pad_token_id, seed=seed).padding_fraction()
+        grouped = Batches(data.train, size, tokenizer.pad_token_id, seed=seed, group_by_length=True).padding_fraction()
+        print(
+            f"padding: {padded:.1%} of positions in batches of {size}, {grouped:.1%} grouped by length, "
+            "none with packing"
+        )
     color = sys.stdout.isatty()
     for number, example in enumerate(data.train[:show], 1):
         print(f"\n--- example {number} ({'trained tokens in green' if color else 'trained tokens in [[ ]]'})")

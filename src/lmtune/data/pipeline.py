@@ -79,7 +79,8 @@ class Prepared:
 def _entries(config: Config, which: str) -> list[DatasetSpec]:
     d = config.data
     items = d.dataset if which == "train" else d.validation_dataset
-    return [DatasetSpec(path=e, format=d.dataset_format) if isinstance(e, str) else e for e in items]
+    fmt = "chat" if d.chat_dataset and d.dataset_format == "auto" else d.dataset_format  # JumpStart's dialog data
+    return [DatasetSpec(path=e, format=fmt) if isinstance(e, str) else e for e in items]
 
 
 def _base_dir(config: Config, config_dir: Optional[Path]) -> Optional[Path]:

@@ -48,6 +48,6 @@ def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: st
     accelerator = make_accelerator(config)
     model = accelerator.prepare(model)
     stage = stage_for(config)
-    batches = stage.batches(data.val, config, tokenizer, shuffle=False, pack_to=data.summary.max_len, for_eval=True)
+    batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True)
     metrics = evaluate(model, stage, batches, accelerator, compute_dtype(config))
     return {"examples": len(data.val), **metrics}

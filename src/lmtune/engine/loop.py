@@ -89,8 +89,18 @@ def make_accelerator(config: Config) -> Any:
     if config.precision.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if config.distributed.enable_fsdp:
+        raise TrainingError(
+            "enable_fsdp: FSDP sharding is not in this version yet; train on one device, "
+            "or launch several processes with `accelerate launch` / `torchrun` for data parallelism"
+        )
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(mixed_precision=mixed, cpu=not cuda)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.distributed.ddp_timeout))
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[timeout])
 
 
 def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Optional[int], bool]:
@@ -141,7 +151,16 @@ def train(
     started = time.perf_counter()
     # peft calls a transformers method that transformers itself marks deprecated; nothing for our users to do.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
     notes: list[str] = []
+    level = config.sagemaker.sagemaker_container_log_level
+    if level is not None:  # a SageMaker job's logging level applies to the libraries' loggers too
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger().setLevel(level)
+        hf_logging.set_verbosity(level)
     seed_everything(t.seed)
     accelerator = make_accelerator(config)
     main_process = accelerator.is_main_process
@@ -173,16 +192,15 @@ def train(
     tokenizer = load_tokenizer(config)
     model = load_model(config)
     data = prepare(config, tokenizer, context_length(model), config_dir)
-    pack_to = data.summary.max_len
-    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, pack_to=pack_to)
-    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, pack_to=pack_to, for_eval=True) if data.val else None
+    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True)
+    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True) if data.val else None
     if not quiet and main_process:
         for line in data.summary.lines():
             print(f"data: {line}")
         print(f"data: padding {train_batches.padding_fraction():.1%} of the positions of training batches")
 
     # -- model and method -----------------------------------------------------
-    if train_batches.bins is not None:
+    if train_batches.packing:
         use_packed_attention(model)
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
@@ -215,7 +233,9 @@ def train(
         path = checkpoint.latest(checkpoints) if resume == "latest" else Path(resume)
         if path is None or not (path / "state.json").exists():
             raise TrainingError(f"resume_from_checkpoint: no complete checkpoint at {resume if path is None else path}")
-        state = LoopState(**checkpoint.load(path, accelerator.unwrap_model(model), optimizer, scheduler))
+        state = LoopState(
+            **checkpoint.load(path, accelerator.unwrap_model(model), optimizer, scheduler, scaler=accelerator.scaler)
+        )
         if main_process:  # what the interrupted run logged after this checkpoint is logged again now
             kept = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= state.global_step]
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -232,7 +252,13 @@ def train(
         path = checkpoints / f"{checkpoint.PREFIX}{state.global_step}"
         if main_process:
             path = checkpoint.save(
-                checkpoints, state.global_step, accelerator.unwrap_model(model), optimizer, scheduler, state.__dict__
+                checkpoints,
+                state.global_step,
+                accelerator.unwrap_model(model),
+                optimizer,
+                scheduler,
+                state.__dict__,
+                scaler=accelerator.scaler,
             )
             checkpoint.prune(checkpoints, o.save_total_limit, protect=state.best_checkpoint)
         return path
@@ -289,8 +315,14 @@ def train(
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            loss_value = float(step_loss) / max(tokens, 1)
-            if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            grad_norm = torch.as_tensor(grad_norm, device=step_loss.device)
+            # One device-to-host transfer per optimizer step, for the divergence check and the log.
+            summed_value, norm_value = torch.stack([step_loss, grad_norm.double()]).tolist()
+            loss_value = summed_value / max(tokens, 1)
+            # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
+            # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
+            scaled = accelerator.scaler is not None
+            if not math.isfinite(loss_value) or (not scaled and not math.isfinite(norm_value)):
                 bar.close()
                 log.close()
                 raise TrainingError(diverged_message(config, loss_value, state.global_step + 1, checkpoints))
@@ -315,7 +347,7 @@ def train(
                     "epoch": round(state.epoch + state.micro_in_epoch / max(len(train_batches), 1), 4),
                     "loss": loss,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": norm_value,
                     "tokens_per_second": window_tokens * world / max(elapsed, 1e-9),
                 }
                 log.write(record)

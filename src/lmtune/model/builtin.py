@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -145,6 +146,7 @@ def builtin_path(name: str) -> Path:
     if (folder / "done.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building {name} once into {folder} (offline, seconds)", file=sys.stderr)
     staging = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=folder.parent))
     try:
         build_tokenizer(staging)

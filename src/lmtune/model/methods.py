@@ -109,7 +109,11 @@ def apply_lora(model: torch.nn.Module, config: Config) -> Any:
 def apply_method(model: torch.nn.Module, config: Config) -> Any:
     method = config.finetuning.method
     if config.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        non_reentrant = {"use_reentrant": False}  # works with frozen inputs (LoRA, quantised bases)
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

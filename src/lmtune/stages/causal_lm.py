@@ -12,17 +12,14 @@ from ..engine.loss import summed_token_loss, trained_tokens
 
 
 class CausalLM:
-    def batches(
-        self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, pack_to: int, for_eval: bool = False
-    ) -> Batches:
-        """Padded batches, or (pt/sft with packing) sequences of up to `pack_to` tokens."""
+    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False) -> Batches:
+        """Padded micro batches, or with packing the same examples in one padding-free row."""
         d, t = config.data, config.training
-        packing = d.packing and not for_eval
         return Batches(
             examples,
             config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size,
             tokenizer.pad_token_id,
-            packing_length=pack_to if packing else 0,
+            packing=d.packing and not for_eval,
             group_by_length=d.group_by_length and not for_eval,
             shuffle=shuffle,
             seed=t.seed,
