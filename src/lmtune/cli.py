@@ -116,13 +116,13 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def _valid_config(args: argparse.Namespace):
-    from .config.load import resolve
+    """The config, with warnings shown; on errors, print them all and stop the command."""
+    from .config.load import ConfigError, resolve
 
     resolved = resolve(args.config, args.set)
     if resolved.errors or resolved.config is None:
         _print_problems(resolved.errors, sys.stderr)
-        print(f"FAILED: fix the errors above (lmtune check {args.config} lists everything)", file=sys.stderr)
-        return None
+        raise ConfigError([]) from None
     for problem in resolved.problems:
         if problem.level == "warning":
             print(str(problem), file=sys.stderr)
@@ -132,8 +132,6 @@ def _valid_config(args: argparse.Namespace):
 @command("train")
 def run_train(args: argparse.Namespace) -> int:
     config = _valid_config(args)
-    if config is None:
-        return 1
     from .engine.loop import train
 
     result = train(config, Path(args.config).resolve().parent, resume=args.resume)
@@ -154,8 +152,6 @@ def run_train(args: argparse.Namespace) -> int:
 @command("data")
 def run_data(args: argparse.Namespace) -> int:
     config = _valid_config(args)
-    if config is None:
-        return 1
     from .data.inspect import show_data
 
     show_data(config, Path(args.config).resolve().parent, args.show)
@@ -208,8 +204,6 @@ def run_chat(args: argparse.Namespace) -> int:
 @command("eval")
 def run_eval_command(args: argparse.Namespace) -> int:
     config = _valid_config(args)
-    if config is None:
-        return 1
     _quiet_transformers()
     from .engine.evaluate import evaluate_run
 

@@ -66,7 +66,8 @@ class ConfigError(UserError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+        text = "; ".join(f"{p.key}: {p.message}" for p in problems)
+        super().__init__(text or "the config has errors (listed above); `lmtune check CONFIG` shows everything")
 
 
 def read_file(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:

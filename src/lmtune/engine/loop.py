@@ -365,8 +365,8 @@ def train(
         state.micro_in_epoch = 0
         if eval_each_epoch and run_eval():
             state.stopped_early = True
-        if not save_steps:
-            save_checkpoint()
+        if not save_steps and state.global_step < total_steps and not state.stopped_early:
+            save_checkpoint()  # at the run's end final/ is written instead; nothing is left to resume
     bar.close()
 
     # -- outputs ---------------------------------------------------------------

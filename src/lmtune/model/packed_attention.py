@@ -39,11 +39,9 @@ def packed_sdpa(
 
     if packed_bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # query: (1, heads, tokens, dim); key/value may have fewer (grouped) heads
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    # query: (1, heads, tokens, dim); key/value may have fewer (grouped) heads, which SDPA
+    # reads in place (enable_gqa) instead of copying them out to every query head.
+    grouped = query.shape[1] != key.shape[1]
     pieces = [
         F.scaled_dot_product_attention(
             query[:, :, start:end],
@@ -52,6 +50,7 @@ def packed_sdpa(
             is_causal=True,
             dropout_p=dropout,
             scale=scaling,
+            enable_gqa=grouped,
         )
         for start, end in zip(packed_bounds[:-1], packed_bounds[1:])
     ]
