@@ -62,3 +62,39 @@ def test_data_command_summarises_and_shows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rows read: 1 (1 instruction)" in out and "padding:" in out and "tokens per example:" in out
     assert "<|im_start|>assistant\n[[b<|im_end|>\n]]" in out
+
+
+def test_lora_train_and_chat_never_import_bitsandbytes(tmp_path):
+    # peft would import it (seconds of start-up) though only quantised bases and the 8-bit optimizer use it
+    path = bad_train_config(tmp_path, method="lora", max_steps=2)
+    for command in (["train", path], ["chat", str(tmp_path / "run"), "--prompt", "a", "--max-new-tokens", "2"]):
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "lmtune", *command], capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+        assert "peft" in imported
+        # a blocked `import bitsandbytes` still shows as one empty line; a real one loads its submodules
+        assert not any(name.startswith("bitsandbytes.") for name in imported), command[0]
+
+
+def test_hiding_bitsandbytes_is_refused_to_a_later_quantised_run(tmp_path):
+    code = (
+        "import sys\n"
+        "from lmtune.config.load import resolve\n"
+        "from lmtune.errors import UserError\n"
+        "from lmtune.model.unused_imports import skip_bitsandbytes_unless_needed\n"
+        "def config(**extra):\n"
+        "    return resolve(data={'base_model': 'builtin:tiny', 'dataset': 'd.jsonl', **extra}).config\n"
+        "skip_bitsandbytes_unless_needed(config(method='qlora'))\n"
+        "assert 'bitsandbytes' not in sys.modules\n"
+        "skip_bitsandbytes_unless_needed(config(method='lora'))\n"
+        "assert sys.modules['bitsandbytes'] is None\n"
+        "try:\n"
+        "    skip_bitsandbytes_unless_needed(config(optimizer='adamw_8bit'))\n"
+        "except UserError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "refused: this process already ran a configuration without bitsandbytes" in run.stdout

@@ -1,4 +1,5 @@
-from .cli import main
 import sys
 
-sys.exit(main())
+from .cli import entry
+
+sys.exit(entry())

@@ -132,6 +132,10 @@ def _valid_config(args: argparse.Namespace):
 @command("train")
 def run_train(args: argparse.Namespace) -> int:
     config = _valid_config(args)
+    if args.own_process:
+        from .model.unused_imports import skip_bitsandbytes_unless_needed
+
+        skip_bitsandbytes_unless_needed(config)
     from .engine.loop import train
 
     result = train(config, Path(args.config).resolve().parent, resume=args.resume)
@@ -165,8 +169,16 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _inference_imports(args: argparse.Namespace) -> None:
+    if args.own_process:  # inference puts adapters over the full-precision base: no bitsandbytes
+        from .model.unused_imports import skip_bitsandbytes
+
+        skip_bitsandbytes()
+
+
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
+    _inference_imports(args)
     from .generate import answer, generation_settings, load_for_inference
 
     _quiet_transformers()
@@ -215,6 +227,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 @command("export")
 def run_export(args: argparse.Namespace) -> int:
+    _inference_imports(args)
     _quiet_transformers()
     from .generate import final_dir, load_for_inference
 
@@ -303,9 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """`own_process`: this process runs this one command, so process-wide choices
+    (which optional libraries to load) are safe to make."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = own_process
     if args.command is None:
         parser.print_help()
         return 0
@@ -318,5 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The `lmtune` program."""
+    return main(own_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

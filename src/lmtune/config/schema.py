@@ -7,7 +7,6 @@ names in the other tools, so ``explain``, the alias table and
 ``docs/configuration.md`` all come from this one file.
 """
 
-from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
@@ -55,7 +54,9 @@ def _split_commas(value: Any) -> Any:
 
 
 class Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Only Config's validator is ever used; building one per group at import
+    # would double the schema work that `check` and `explain` wait for.
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
 class ModelArgs(Group):
@@ -811,24 +812,24 @@ class SageMakerArgs(Group):
 
 
 class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
-    model: ModelArgs = ModelArgs()
-    finetuning: FinetuningArgs = FinetuningArgs()
-    data: DataArgs = DataArgs()
-    training: TrainingArgs = TrainingArgs()
-    evaluation: EvaluationArgs = EvaluationArgs()
-    precision: PrecisionArgs = PrecisionArgs()
-    distributed: DistributedArgs = DistributedArgs()
-    output: OutputArgs = OutputArgs()
-    generation: GenerationArgs = GenerationArgs()
-    sagemaker: SageMakerArgs = SageMakerArgs()
+    model: ModelArgs = Field(default_factory=ModelArgs)
+    finetuning: FinetuningArgs = Field(default_factory=FinetuningArgs)
+    data: DataArgs = Field(default_factory=DataArgs)
+    training: TrainingArgs = Field(default_factory=TrainingArgs)
+    evaluation: EvaluationArgs = Field(default_factory=EvaluationArgs)
+    precision: PrecisionArgs = Field(default_factory=PrecisionArgs)
+    distributed: DistributedArgs = Field(default_factory=DistributedArgs)
+    output: OutputArgs = Field(default_factory=OutputArgs)
+    generation: GenerationArgs = Field(default_factory=GenerationArgs)
+    sagemaker: SageMakerArgs = Field(default_factory=SageMakerArgs)
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its flat key, as a config file writes it."""
         out: dict[str, Any] = {}
-        for group in GROUPS:
-            out.update(getattr(self, group).model_dump(mode="json"))
+        for values in self.model_dump(mode="json").values():
+            out.update(values)
         return out
 
 
