@@ -11,7 +11,9 @@ os.environ.setdefault("LMTUNE_HOME", tempfile.mkdtemp(prefix="lmtune-test-home-"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPAT = ROOT.parent / "shared" / "compat"
+# A copy of the project's compatibility corpus (shared/compat, with its sources
+# and licences in README.md), so a clone of this repository tests on its own.
+COMPAT = ROOT / "tests" / "fixtures" / "compat"
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
