@@ -169,7 +169,7 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _inference_imports(args: argparse.Namespace) -> None:
+def _skip_bitsandbytes_for_inference(args: argparse.Namespace) -> None:
     if args.own_process:  # inference puts adapters over the full-precision base: no bitsandbytes
         from .model.unused_imports import skip_bitsandbytes
 
@@ -178,7 +178,7 @@ def _inference_imports(args: argparse.Namespace) -> None:
 
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
-    _inference_imports(args)
+    _skip_bitsandbytes_for_inference(args)
     from .generate import answer, generation_settings, load_for_inference
 
     _quiet_transformers()
@@ -227,7 +227,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 @command("export")
 def run_export(args: argparse.Namespace) -> int:
-    _inference_imports(args)
+    _skip_bitsandbytes_for_inference(args)
     _quiet_transformers()
     from .generate import final_dir, load_for_inference
 

@@ -1,7 +1,7 @@
 """Keep bitsandbytes out of a process whose run never uses it.
 
 peft imports bitsandbytes at module level whenever it is installed, and that
-import registers bitsandbytes' torch ops: about 2.6 s on a 2-core CPU, a third
+import registers bitsandbytes' torch ops: about 2 s on a 2-core CPU, a quarter
 of a LoRA run's time to its first step. Only a quantised base (qlora,
 int8_quantization) or the 8-bit optimizer call it.
 """
