@@ -251,6 +251,14 @@ def test_eval_command_on_a_run_and_on_a_checkpoint(tmp_path, capsys):
         assert "examples: 8" in out
         reported = float(out.split("eval_loss: ")[1].split()[0])
         assert reported == pytest.approx(result.eval_loss, abs=1e-3)
+    # a checkpoint of another method is one line naming it, not a traceback
+    checkpoint = str(result.run_dir / "checkpoints" / "checkpoint-6")
+    assert main(["eval", str(path), "--set", "method=full", "--checkpoint", checkpoint]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{checkpoint} does not match this config's model and method" in err
+    assert main(["train", str(path), "--set", "method=full", "--resume", checkpoint]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{checkpoint} does not match this config's model and method" in err
 
 
 def test_chat_prompt_answers_with_the_training_template(tmp_path, capsys):

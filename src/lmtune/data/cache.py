@@ -7,13 +7,13 @@ the offsets of each example, so loading costs a file read, not a re-tokenisation
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from ..staged_folder import staged_folder
 
 DEFAULT_DIR = ".lmtune-cache"
 
@@ -37,8 +37,8 @@ def _pack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _unpack(arrays: Any) -> list[dict[str, np.ndarray]]:
-    names = sorted({key.rsplit(".", 1)[0] for key in arrays.files})
+def _unpack(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    names = sorted({key.rsplit(".", 1)[0] for key in arrays})
     if not names:
         return []
     columns = {name: (arrays[f"{name}.tokens"], arrays[f"{name}.offsets"]) for name in names}
@@ -49,19 +49,15 @@ def _unpack(arrays: Any) -> list[dict[str, np.ndarray]]:
     ]
 
 
-def save(target: Path, train: list, val: list, summary: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a cache that looks complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        np.savez(staging / "train.npz", **_pack(train))
-        np.savez(staging / "val.npz", **_pack(val))
+def save(target: Path, train: list, val: list, summary: dict[str, Any]) -> tuple[list, list]:
+    """Write atomically; returns the examples in the form `load` gives them, so a
+    run that builds the cache trains on exactly what a later run reads."""
+    packed_train, packed_val = _pack(train), _pack(val)
+    with staged_folder(target) as staging:
+        np.savez(staging / "train.npz", **packed_train)
+        np.savez(staging / "val.npz", **packed_val)
         (staging / "summary.json").write_text(json.dumps(summary))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return _unpack(packed_train), _unpack(packed_val)
 
 
 def load(source: Path) -> Optional[tuple[list, list, dict[str, Any]]]:

@@ -302,6 +302,5 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
         raise DataError(f"no training example is left after filtering ({reasons}); check max_input_length and the data")
     saved = asdict(summary)
     saved.pop("from_cache")
-    cache.save(folder, train, val, saved)
-    train, val, _ = cache.load(folder)  # the same array form whether built now or read later
+    train, val = cache.save(folder, train, val, saved)
     return Prepared(train, val, summary)

@@ -9,10 +9,8 @@ always a good one.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +18,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+from ..staged_folder import staged_folder
+
 PREFIX = "checkpoint-"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that does not fit the configured model and method."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -62,10 +67,8 @@ def save(
     loop_state: dict[str, Any],
     scaler: Optional[Any] = None,
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}-", dir=folder))
-    try:
+    with staged_folder(target) as staging:
         save_file(trainable_state(model), staging / "trainable.safetensors")
         torch.save(
             {
@@ -77,11 +80,6 @@ def save(
             staging / "training_state.pt",
         )
         (staging / "state.json").write_text(json.dumps(loop_state, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -104,17 +102,24 @@ def prune(folder: Path, keep: int, protect: Optional[str] = None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Optional[Any] = None
-) -> dict[str, Any]:
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """A checkpoint's trainable weights into a model built with the same model and method."""
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
     if missing:
-        raise ValueError(f"resume_from_checkpoint: {path} does not match this model (e.g. {missing[0]})")
+        raise CheckpointError(
+            f"checkpoint: {path} does not match this config's model and method (it holds {missing[0]}, which the model lacks)"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device))
+
+
+def load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Optional[Any] = None
+) -> dict[str, Any]:
+    load_weights(path, model)
     # weights_only: a checkpoint handed over by someone else cannot run code when loaded.
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-
 from ..config.schema import Config
 from ..data.pipeline import prepare
-from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
+from ..model.load import context_length, load_model, load_tokenizer
 from ..model.methods import apply_method
 from ..stages import stage_for
 from . import checkpoint
@@ -20,14 +19,8 @@ def load_trained(config: Config, where: Path) -> Any:
     from ..generate import final_dir, load_for_inference
 
     if (where / "trainable.safetensors").exists():
-        from safetensors.torch import load_file
-
         model = apply_method(load_model(config), config)
-        weights = load_file(where / "trainable.safetensors")
-        missing = set(weights) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise TrainingError(f"--checkpoint: {where} does not match this config's model and method")
-        model.load_state_dict(weights, strict=False)
+        checkpoint.load_weights(where, model)
         return model
     if (final_dir(where) / "lmtune.json").exists() or (where / "config.json").exists():
         return load_for_inference(where)[0]
@@ -49,5 +42,5 @@ def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: st
     model = accelerator.prepare(model)
     stage = stage_for(config)
     batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True)
-    metrics = evaluate(model, stage, batches, accelerator, compute_dtype(config))
+    metrics = evaluate(model, stage, batches, accelerator)
     return {"examples": len(data.val), **metrics}
