@@ -181,7 +181,6 @@ def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: flo
         Trainer,
         TrainerCallback,
         TrainingArguments,
-        default_data_collator,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -247,7 +246,7 @@ def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: flo
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = CountingTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator or default_data_collator, callbacks=[Timing()])
+    trainer = CountingTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator, callbacks=[Timing()])
     trainer.train()
     final = out / "final"
     trainer.save_model(str(final))

@@ -178,13 +178,13 @@ def _skip_bitsandbytes_for_inference(args: argparse.Namespace) -> None:
 
 @command("chat")
 def run_chat(args: argparse.Namespace) -> int:
+    if not Path(args.run).exists():
+        print(f"error: {args.run}: no such run folder", file=sys.stderr)
+        return 1
     _skip_bitsandbytes_for_inference(args)
     from .generate import answer, generation_settings, load_for_inference
 
     _quiet_transformers()
-    if not Path(args.run).exists():
-        print(f"error: {args.run}: no such run folder", file=sys.stderr)
-        return 1
     model, tokenizer, meta = load_for_inference(args.run)
     # The run's own generation settings, unless the command line says otherwise.
     options = generation_settings(args.run)

@@ -7,6 +7,7 @@ names in the other tools, so ``explain``, the alias table and
 ``docs/configuration.md`` all come from this one file.
 """
 
+from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
@@ -54,8 +55,8 @@ def _split_commas(value: Any) -> Any:
 
 
 class Group(BaseModel):
-    # Only Config's validator is ever used; building one per group at import
-    # would double the schema work that `check` and `explain` wait for.
+    # Validators are built on first use, not at import: `explain KEY` and
+    # `explain --markdown` read the field docs and never need them.
     model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 

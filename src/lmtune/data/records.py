@@ -106,16 +106,27 @@ def _read_parquet(path: Path) -> Iterator[Row]:
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt, ".parquet": _read_parquet}
 
 
-def data_files(location: str, base: Optional[Path] = None) -> list[Path]:
-    """The files behind one dataset entry (a file or a folder of them); [] for a hub id."""
+def _locate(location: str, base: Optional[Path]) -> Path:
+    """A dataset path as written, else relative to the config's folder (or dataset_dir)."""
     path = Path(location).expanduser()
     if not path.is_absolute() and base is not None and not path.exists():
         path = base / path
+    return path
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets.save_to_disk`."""
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists())
+
+
+def data_files(location: str, base: Optional[Path] = None) -> list[Path]:
+    """The files behind one dataset entry (a file or a folder of them); [] for a hub id."""
+    path = _locate(location, base)
     if path.is_file():
         return [path]
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return sorted(p for p in path.rglob("*") if p.is_file())  # a save_to_disk folder
+        if _saved_dataset(path):
+            return sorted(p for p in path.rglob("*") if p.is_file())
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name != "template.json")
         if not files:
             raise DataError(f"{location}: the folder holds no {', '.join(SUFFIXES)} files")
@@ -130,10 +141,8 @@ def read_rows(location: str, base: Optional[Path] = None, split: str = "train") 
     if not files:
         yield from _read_hub(location, split)
         return
-    path = Path(location).expanduser()
-    if not path.exists() and base is not None:
-        path = base / path
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()):
+    path = _locate(location, base)
+    if _saved_dataset(path):
         from datasets import load_from_disk
 
         loaded = load_from_disk(str(path))

@@ -78,6 +78,10 @@ class Renderer:
     def _fill(self, text: str, content: str = "") -> str:
         return text.replace("{eos}", self.eos_token).replace("{content}", content)
 
+    def answer_end(self) -> str:
+        """What closes every answer (trained with it)."""
+        return self._fill(self.template.assistant_suffix) if self.template is not None else self.eos_token
+
     def _start(self) -> str:
         if self.template is not None and self.template.bos and self.bos_token:
             return self.bos_token
@@ -104,7 +108,7 @@ class Renderer:
                 prompt += self._fill(t.user, content) + self._fill(t.assistant_prefix)
             else:
                 segments.append((prompt, self.train_on_inputs))
-                segments.append((message["content"] + self._fill(t.assistant_suffix), True))
+                segments.append((message["content"] + self.answer_end(), True))
                 prompt = ""
         if add_answer_prefix or prompt:
             segments.append((prompt, self.train_on_inputs))

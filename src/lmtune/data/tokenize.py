@@ -70,11 +70,12 @@ def tokenize_sequences(
     flat = [text for segments in rendered for text, _ in segments]
     pieces = encode_batch(tokenizer, flat)
     examples, outcomes = [], Counter()
+    prompts_only = bool(records) and records[0]["kind"] == "prompt"
     at = 0
     for segments in rendered:
         ids, labels = join_segments(pieces[at : at + len(segments)], segments)
         at += len(segments)
-        if records and records[0]["kind"] == "prompt":  # ppo prompts are kept whole or cut at the left
+        if prompts_only:  # ppo prompts are kept whole or cut at the left
             ids = ids[-max_len:]
             examples.append({"input_ids": ids})
             outcomes["kept" if len(ids) < max_len else "truncated"] += 1
@@ -90,9 +91,7 @@ def tokenize_preferences(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
     """rm/dpo records: the prompt once, the chosen and rejected answers after it."""
-    suffix = renderer.template.assistant_suffix.replace("{eos}", renderer.eos_token) if renderer.template else ""
-    if renderer.template is None:
-        suffix = renderer.eos_token
+    suffix = renderer.answer_end()
     prompts = [renderer.chat(r["messages"], add_answer_prefix=True) for r in records]
     flat = [text for segments in prompts for text, _ in segments]
     answers = [a + suffix for r in records for a in (r["chosen"], r["rejected"])]

@@ -28,7 +28,7 @@ from ..config.schema import Config
 from ..data.batches import Batches
 from ..data.pipeline import prepare
 from ..errors import UserError
-from ..model.load import compute_dtype, context_length, load_model, load_tokenizer
+from ..model.load import context_length, load_model, load_model_config, load_tokenizer
 from ..model.methods import apply_method, parameter_counts
 from ..model.packed_attention import use_packed_attention
 from ..stages import stage_for
@@ -117,14 +117,14 @@ def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Opt
 
 
 @torch.no_grad()
-def evaluate(model: Any, stage: Any, batches: Batches, accelerator: Any, dtype: torch.dtype) -> dict[str, float]:
+def evaluate(model: Any, stage: Any, batches: Batches, accelerator: Any) -> dict[str, float]:
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = 0
     for batch in batches.epoch(0):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            total += stage.summed_loss(model, batch, dtype).double()
+            total += stage.summed_loss(model, batch).double()
         count += stage.count(batch)
     model.train()
     loss = float(total) / max(count, 1)
@@ -164,7 +164,6 @@ def train(
     seed_everything(t.seed)
     accelerator = make_accelerator(config)
     main_process = accelerator.is_main_process
-    dtype = compute_dtype(config)
     stage = stage_for(config)
 
     # -- run folder ---------------------------------------------------------
@@ -189,9 +188,9 @@ def train(
         (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config.flat(), sort_keys=False))
 
     # -- data -----------------------------------------------------------------
+    # The data step checks max_input_length against the model's context before any weight loads.
     tokenizer = load_tokenizer(config)
-    model = load_model(config)
-    data = prepare(config, tokenizer, context_length(model), config_dir)
+    data = prepare(config, tokenizer, context_length(load_model_config(config)), config_dir)
     train_batches = stage.batches(data.train, config, tokenizer, shuffle=True)
     eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True) if data.val else None
     if not quiet and main_process:
@@ -200,6 +199,7 @@ def train(
         print(f"data: padding {train_batches.padding_fraction():.1%} of the positions of training batches")
 
     # -- model and method -----------------------------------------------------
+    model = load_model(config)
     if train_batches.packing:
         use_packed_attention(model)
     model = apply_method(model, config)
@@ -267,7 +267,7 @@ def train(
 
     def run_eval() -> bool:
         """Evaluate, track the best checkpoint; True when early stopping says stop."""
-        metrics = evaluate(model, stage, eval_batches, accelerator, dtype)
+        metrics = evaluate(model, stage, eval_batches, accelerator)
         last_eval.update(metrics, step=state.global_step)
         log.write({"step": state.global_step, "epoch": state.epoch, **metrics})
         value = metrics.get(t.early_stopping_metric, metrics["eval_loss"])
@@ -283,8 +283,7 @@ def train(
 
     # -- the loop ---------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step", disable=quiet or not main_process)
-    window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    window_tokens = 0
+    window_loss, window_tokens = 0.0, 0
     window_start = time.perf_counter()
     last_loss: Optional[float] = None
     world = accelerator.num_processes
@@ -308,7 +307,7 @@ def train(
                 last = index == len(group) - 1
                 with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
                     with accelerator.autocast():
-                        summed = stage.summed_loss(model, batch, dtype)
+                        summed = stage.summed_loss(model, batch)
                     accelerator.backward(summed * scale)
                 step_loss += summed.detach().double()
             if t.max_grad_norm > 0:
@@ -332,7 +331,7 @@ def train(
             state.global_step += 1
             state.micro_in_epoch += len(group)
             state.trained_tokens += tokens
-            window_loss += step_loss
+            window_loss += summed_value
             window_tokens += tokens
             last_loss = loss_value
             bar.update(1)
@@ -341,7 +340,7 @@ def train(
 
             if state.global_step % o.logging_steps == 0 or state.global_step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                loss = float(window_loss) / max(window_tokens, 1)
+                loss = window_loss / max(window_tokens, 1)
                 record = {
                     "step": state.global_step,
                     "epoch": round(state.epoch + state.micro_in_epoch / max(len(train_batches), 1), 4),
@@ -352,8 +351,7 @@ def train(
                 }
                 log.write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
-                window_loss.zero_()
-                window_tokens, window_start = 0, time.perf_counter()
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if eval_steps and state.global_step % eval_steps == 0 and run_eval():
                 state.stopped_early = True
                 break
@@ -374,7 +372,7 @@ def train(
     if eval_batches is not None:
         final_eval = dict(last_eval) if last_eval.get("step") == state.global_step else {}
         if not final_eval:
-            final_eval = evaluate(model, stage, eval_batches, accelerator, dtype)
+            final_eval = evaluate(model, stage, eval_batches, accelerator)
             log.write({"step": state.global_step, "epoch": state.epoch, **final_eval})
     final_dir = run_dir / "final"
     accelerator.wait_for_everyone()

@@ -32,7 +32,7 @@ def _uses_plain_head(model: torch.nn.Module) -> bool:
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
-def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
     labels = batch["labels"]
     targets = labels[:, 1:]

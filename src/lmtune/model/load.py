@@ -100,7 +100,7 @@ def load_model_config(config: Config, location: str | None = None) -> Any:
         raise _cannot_load("base_model", where, exc) from None
 
 
-def load_model(config: Config, location: str | None = None, for_training: bool = True) -> Any:
+def load_model(config: Config, location: str | None = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     m, f = config.model, config.finetuning
@@ -112,20 +112,15 @@ def load_model(config: Config, location: str | None = None, for_training: bool =
             f"base_model: {where} has no .safetensors weights; pickle (.bin) files can run code when loaded. "
             "Convert them, or set allow_pickle_weights: true for files you trust"
         )
-    overrides: dict[str, Any] = {}
     model_config = load_model_config(config, where)
     if config.training.dropout is not None:
-        overrides = {k: config.training.dropout for k in DROPOUT_FIELDS if hasattr(model_config, k)}
-        for key, value in overrides.items():
-            setattr(model_config, key, value)
-    context = getattr(model_config, "max_position_embeddings", None)
-    wanted = config.data.max_input_length
-    if context and wanted > context:
-        raise ModelError(f"max_input_length: {wanted} is longer than the model's context ({context}); use at most {context}")
+        for key in DROPOUT_FIELDS:
+            if hasattr(model_config, key):
+                setattr(model_config, key, config.training.dropout)
     quant = quantization_config(config)
     # Frozen bases can live in the compute dtype; trained weights stay fp32 (autocast does the rest).
     frozen_base = f.method in ("lora", "qlora")
-    weights_dtype = compute_dtype(config) if (frozen_base and for_training) or not for_training else torch.float32
+    weights_dtype = compute_dtype(config) if frozen_base else torch.float32
     kwargs: dict[str, Any] = dict(
         config=model_config,
         revision=m.model_revision,

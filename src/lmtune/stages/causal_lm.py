@@ -25,8 +25,8 @@ class CausalLM:
             seed=t.seed,
         )
 
-    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return summed_token_loss(model, batch, dtype)
+    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return summed_token_loss(model, batch)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return trained_tokens(batch["labels"])
