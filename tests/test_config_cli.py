@@ -56,8 +56,15 @@ def test_typo_gets_a_suggestion(capsys):
     assert "did you mean `learning_rate`?" in capsys.readouterr().out
 
 
+@pytest.fixture()
+def sagemaker_channels(monkeypatch):
+    """JumpStart hyperparameters name neither model nor data: a training job's channels provide them."""
+    monkeypatch.setenv("SM_CHANNEL_MODEL", "/opt/ml/input/data/model")
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
+
+
 @pytest.mark.parametrize("name", ["hyperparameters.json"])
-def test_sagemaker_hyperparameters_pass_check(name, capsys):
+def test_sagemaker_hyperparameters_pass_check(name, capsys, sagemaker_channels):
     code = main(["check", str(COMPAT / "sagemaker" / name)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -71,7 +78,7 @@ def test_sagemaker_template_json_is_not_a_config_and_check_says_which_keys(capsy
     assert [line.split(":")[1].strip() for line in errors] == ["prompt", "completion"]
 
 
-def test_sagemaker_hyperparameters_resolve_to_typed_values(capsys):
+def test_sagemaker_hyperparameters_resolve_to_typed_values(capsys, sagemaker_channels):
     main(["check", "--json", str(COMPAT / "sagemaker" / "hyperparameters.json")])
     report = json.loads(capsys.readouterr().out)
     config = report["config"]
@@ -165,8 +172,10 @@ def test_explain_unknown_key(capsys):
 def test_explain_config_comments_on_values(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("method: lora\nlearning_rate: 3.0e-6\nadam_beta2: 0.95\nlora_r: 16\nlora_alpha: 32\n")
-    assert main(["explain", str(path)]) == 0
-    out = capsys.readouterr().out
+    assert main(["explain", str(path)]) == 1  # the values are explained, and the missing model and data named
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "error: base_model: no model given" in captured.err and "error: dataset: no training data" in captured.err
     assert "very small for LoRA" in out and "typical for full fine-tuning" in out
     assert "lower than the usual 0.999" in out and "forgets faster" in out
     assert "scale of 2" in out

@@ -34,10 +34,16 @@ def _print_problems(problems, stream=None) -> None:
 
 @command("check")
 def run_check(args: argparse.Namespace) -> int:
-    from .config.load import resolve
+    from .config.load import missing_essentials, resolve
     from .config.schema import KEY_GROUP, Config
 
     resolved = resolve(args.config, args.set)
+    if resolved.config is not None:  # check passes only what train could start
+        resolved.problems += missing_essentials(resolved.config)
+    data_line = None
+    if resolved.config is not None and not resolved.errors and resolved.config.data.dataset:
+        data_line, problem = _check_records(resolved.config, Path(args.config).resolve().parent)
+        resolved.problems += [problem] if problem else []
     ok = not resolved.errors
     if args.json:
         report = {
@@ -64,11 +70,29 @@ def run_check(args: argparse.Namespace) -> int:
         hidden = len(KEY_GROUP) - len(shown)
         if hidden:
             print(f"  ({hidden} more settings at their defaults; --all shows them)")
+    if data_line:
+        print(data_line)
     _print_problems(resolved.problems)
     counts = {level: sum(p.level == level for p in resolved.problems) for level in ("error", "warning", "note")}
     summary = ", ".join(f"{n} {level}{'s' if n != 1 else ''}" for level, n in counts.items())
     print(("OK: " if ok else "FAILED: ") + summary)
     return 0 if ok else 1
+
+
+def _check_records(config, config_dir: Path):
+    """(a summary line, a problem) from reading local data rows as training will; no tokenizer, no torch."""
+    from .config.load import Problem
+    from .data.records import DataError
+    from .data.pipeline import check_local_records
+
+    try:
+        summary = check_local_records(config, config_dir)
+    except DataError as exc:
+        return None, Problem("error", "dataset", str(exc))
+    if summary is None:
+        return "data: hub or saved datasets are read at `lmtune data` / `train`, not here", None
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary.formats.items())
+    return f"data: {summary.rows_read} rows read ({kinds}), {summary.train_rows} for training, {summary.val_rows} held out", None
 
 
 def _looks_like_file(text: str) -> bool:
@@ -94,6 +118,8 @@ def run_explain(args: argparse.Namespace) -> int:
     if _looks_like_file(args.target):
         from .config.load import resolve
 
+        from .config.load import missing_essentials
+
         resolved = resolve(args.target, args.set)
         if resolved.config is None:
             _print_problems(resolved.errors, sys.stderr)
@@ -104,7 +130,10 @@ def run_explain(args: argparse.Namespace) -> int:
         for key, value, text in rows:
             shown = json.dumps(value, default=str)
             print(f"{key}: {shown}\n    {text}.")
-        return 0
+        # The meaning of each value is shown even when some are wrong; the mistakes come after, and fail.
+        errors = resolved.errors + missing_essentials(resolved.config)
+        _print_problems(errors, sys.stderr)
+        return 1 if errors else 0
     try:
         print(docs.explain_key(args.target))
     except KeyError:
@@ -117,9 +146,11 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def _valid_config(args: argparse.Namespace):
     """The config, with warnings shown; on errors, print them all and stop the command."""
-    from .config.load import ConfigError, resolve
+    from .config.load import ConfigError, missing_essentials, resolve
 
     resolved = resolve(args.config, args.set)
+    if resolved.config is not None:
+        resolved.problems += missing_essentials(resolved.config)
     if resolved.errors or resolved.config is None:
         _print_problems(resolved.errors, sys.stderr)
         raise ConfigError([]) from None

@@ -10,6 +10,11 @@ import torch
 
 from .data.templates import pick_renderer
 from .data.tokenize import encode_batch
+from .errors import UserError
+
+
+class RunNotFound(UserError, FileNotFoundError):
+    """A path given as a trained run holds no model."""
 
 
 def run_meta(run: Path) -> dict[str, Any]:
@@ -30,6 +35,10 @@ def load_for_inference(run: str | Path, merge: bool = False) -> tuple[Any, Any, 
     from .model.load import model_location
 
     folder = final_dir(run)
+    if not folder.is_dir() or not any((folder / name).exists() for name in ("lmtune.json", "config.json", "adapter_config.json")):
+        raise RunNotFound(
+            f"{run}: not a trained run (no model in it or in its final/ folder); give a run's output_dir or its final/ folder"
+        )
     meta = run_meta(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if (folder / "adapter_config.json").exists():

@@ -221,8 +221,10 @@ def _validation_split_ratio(value: float, c: Config) -> Optional[str]:
     return f"{value:.0%} of the training rows are held out (split with seed {c.data.train_data_split_seed})"
 
 
-def _packing(value: bool, c: Config) -> Optional[str]:
-    return "examples share sequences without seeing each other: no compute on padding" if value else None
+def _packing(value: Optional[bool], c: Config) -> Optional[str]:
+    if value is False:
+        return "each micro batch is padded to its longest example: the padding costs compute and memory"
+    return "examples share one padding-free row without seeing each other: no compute on padding"
 
 
 COMMENTS: dict[str, Comment] = {

@@ -73,9 +73,14 @@ class ConfigError(UserError):
 def read_file(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
     """Parse a config file; syntax errors come back as problems with line and column."""
     path = Path(path)
+    if path.is_dir():
+        return {}, [Problem("error", str(path), "is a folder; give the config file (.yaml or .json) inside it")]
     if not path.is_file():
         return {}, [Problem("error", str(path), "no such config file; check the path")]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return {}, [Problem("error", str(path), f"not UTF-8 text (byte {exc.start}); save the config as UTF-8 YAML or JSON")]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -84,7 +89,7 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         return {}, [Problem("error", str(path), f"not valid YAML at {where}: {reason}; fix the syntax there")]
     if data is None:
-        return {}, []
+        return {}, [Problem("error", str(path), "the file is empty; write at least `base_model:` and `dataset:`")]
     if not isinstance(data, dict):
         return {}, [Problem("error", str(path), "the file must be a mapping of `key: value` lines")]
     return data, []
@@ -277,6 +282,18 @@ def resolve(
     resolved = Resolved(config, sources, problems, where)
     resolved.problems += check_rules(resolved)
     return resolved
+
+
+def missing_essentials(config: Config) -> list[Problem]:
+    """What `train` could not start without: a model and training data, unless a SageMaker job provides them."""
+    import os
+
+    out = []
+    if config.model.base_model is None and not os.environ.get("SM_CHANNEL_MODEL"):
+        out.append(Problem("error", "base_model", "no model given; set base_model to a folder, a hub id or builtin:tiny"))
+    if not config.data.dataset and not os.environ.get("SM_CHANNEL_TRAIN"):
+        out.append(Problem("error", "dataset", "no training data given; set dataset to a file, a folder or a hub id"))
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -199,7 +199,7 @@ def stage_needs(r: "Resolved") -> list[Problem]:
         out.append(
             Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")
         )
-    if d.packing and c.stage not in ("pt", "sft"):
+    if d.packing is True and c.stage not in ("pt", "sft"):
         out.append(Problem("error", "packing", f"packing applies to pt and sft, not {c.stage}; set packing: false"))
     if c.reward_model and c.stage != "ppo":
         out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
@@ -308,8 +308,6 @@ def outputs_and_safety(r: "Resolved") -> list[Problem]:
         out.append(
             Problem("note", "trust_remote_code", "the model's own Python code will run while loading; use only trusted models")
         )
-    if m.base_model is None:
-        out.append(Problem("note", "base_model", "no model given; `lmtune train` needs one (a folder, hub id or builtin:tiny)"))
     resume = o.resume_from_checkpoint
     if resume and resume != "latest" and not Path(resume).exists():
         out.append(Problem("error", "resume_from_checkpoint", f"{resume}: no such checkpoint; give a folder or `latest`"))

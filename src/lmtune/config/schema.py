@@ -410,10 +410,13 @@ class DataArgs(Group):
         axolotl=("dataset_prepared_path",),
         llamafactory=("tokenized_path",),
     )
-    packing: bool = setting(
-        False,
-        "Put several examples in one sequence, each attending only to itself, so "
-        "no compute is spent on padding.",
+    packing: Optional[bool] = setting(
+        None,
+        "Lay each micro batch out as one padding-free row, each example attending only to "
+        "itself, so no compute or memory goes to padding. The examples and the loss are the "
+        "same as with padded batches. Unset means on wherever the model's attention can be "
+        "kept exact per example (off with a note otherwise); true insists (an error where it "
+        "cannot be exact); false pads each batch to its longest example.",
         axolotl=("sample_packing",),
         llamafactory=("packing",),
         torchtune=("packed",),

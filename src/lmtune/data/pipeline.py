@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config.schema import Config, DatasetSpec
-from . import cache
 from .records import (
     FORMAT_COLUMNS,
     DataError,
@@ -186,6 +185,21 @@ def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[lis
     return train, val, summary
 
 
+def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Optional[Summary]:
+    """Read and normalise the data as training will, without a tokenizer (for `lmtune check`).
+
+    None when a dataset is a hub id or a saved `datasets` folder: reading those is a download or a heavy import.
+    Raises DataError naming the file and row of the first bad one.
+    """
+    base = _base_dir(config, config_dir)
+    for which in ("train", "validation"):
+        for spec in _entries(config, which):
+            files = data_files(spec.path, base)
+            if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
+                return None
+    return load_records(config, config_dir)[2]
+
+
 def _as_prompt(record: dict[str, Any]) -> dict[str, Any]:
     if record["kind"] == "prompt":
         return record
@@ -282,6 +296,8 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
     d = config.data
     max_len = resolve_max_len(config, context_length)
     key = fingerprint(config, tokenizer, max_len, config_dir)
+    from . import cache  # numpy: kept out of `lmtune check`, which reads records only
+
     folder = cache.folder(d.cache_dir, key)
     if not d.overwrite_cache:
         hit = cache.load(folder)

@@ -9,6 +9,7 @@ from ..config.schema import Config
 from ..data.pipeline import prepare
 from ..model.load import context_length, load_model, load_tokenizer
 from ..model.methods import apply_method
+from ..model.packed_attention import switch_to_packed
 from ..stages import stage_for
 from . import checkpoint
 from .loop import TrainingError, evaluate, make_accelerator
@@ -41,6 +42,7 @@ def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: st
     accelerator = make_accelerator(config)
     model = accelerator.prepare(model)
     stage = stage_for(config)
-    batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True)
+    packing, _ = switch_to_packed(model, config.data.packing if stage.packs else False)
+    batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing)
     metrics = evaluate(model, stage, batches, accelerator)
     return {"examples": len(data.val), **metrics}

@@ -30,7 +30,7 @@ from ..data.pipeline import prepare
 from ..errors import UserError
 from ..model.load import context_length, load_model, load_model_config, load_tokenizer
 from ..model.methods import apply_method, parameter_counts
-from ..model.packed_attention import use_packed_attention
+from ..model.packed_attention import switch_to_packed
 from ..stages import stage_for
 from . import checkpoint
 from .optim import build_optimizer, build_scheduler, warmup_steps
@@ -191,17 +191,22 @@ def train(
     # The data step checks max_input_length against the model's context before any weight loads.
     tokenizer = load_tokenizer(config)
     data = prepare(config, tokenizer, context_length(load_model_config(config)), config_dir)
-    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True)
-    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True) if data.val else None
     if not quiet and main_process:
         for line in data.summary.lines():
             print(f"data: {line}")
-        print(f"data: padding {train_batches.padding_fraction():.1%} of the positions of training batches")
 
     # -- model and method -----------------------------------------------------
     model = load_model(config)
-    if train_batches.packing:
-        use_packed_attention(model)
+    packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
+    if packing_note:
+        notes.append(packing_note)
+        if not quiet and main_process:
+            print(f"note: packing: {packing_note}")
+    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, packing=packing)
+    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing) if data.val else None
+    if not quiet and main_process:
+        layout = "packed without padding" if packing else f"padding {train_batches.padding_fraction():.1%} of the positions"
+        print(f"data: training batches {layout}")
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
     if trainable == 0:

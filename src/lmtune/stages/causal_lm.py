@@ -12,15 +12,17 @@ from ..engine.loss import summed_token_loss, trained_tokens
 
 
 class CausalLM:
-    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False) -> Batches:
-        """Padded micro batches, or with packing the same examples in one padding-free row."""
-        d, t = config.data, config.training
+    packs = True  # its batches can be laid out padding-free
+
+    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False) -> Batches:
+        """Micro batches laid out as one padding-free row each (packing), or padded to their longest example."""
+        t = config.training
         return Batches(
             examples,
             config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size,
             tokenizer.pad_token_id,
-            packing=d.packing and not for_eval,
-            group_by_length=d.group_by_length and not for_eval,
+            packing=packing,
+            group_by_length=config.data.group_by_length and not for_eval,
             shuffle=shuffle,
             seed=t.seed,
         )

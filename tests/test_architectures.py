@@ -1,0 +1,132 @@
+"""Packing is exact on every architecture users fine-tune, or refused in one line.
+
+Tiny random models of each architecture are built in code from their
+transformers configs, with sliding windows shorter than the longest example,
+soft-capped attention and logits (Gemma 2), tied embeddings and biases, and
+the attention implementation each model asks for. Packed and padded batches
+must give the same loss and gradients; a LoRA and a full run through
+`lmtune train` must learn.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lmtune.config.load import resolve
+from lmtune.data.batches import packed_batch, pad_batch
+from lmtune.engine.loop import train
+from lmtune.engine.loss import summed_token_loss
+from lmtune.engine.report import read_metrics
+from lmtune.model.packed_attention import PackingNotExact, packing_obstacle, switch_to_packed, use_packed_attention
+
+WINDOW = 16  # shorter than the longest example below
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+ARCHITECTURES = {
+    "llama": dict(),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0),  # biases on q/k/v
+    "qwen3": dict(head_dim=16, tie_word_embeddings=True),
+    "mistral": dict(sliding_window=WINDOW),
+    "gemma2": dict(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(sliding_window=WINDOW),
+    "gpt_neox": dict(),
+}
+
+
+def build(kind, vocab_size=128, **special):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **SIZES, **ARCHITECTURES[kind], **special)
+    torch.manual_seed(0)
+    # What transformers picks for the model (Gemma 2 cannot use SDPA: it falls back to eager).
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def examples():
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for length in (40, 7, 25, 33):  # two are longer than the window
+        ids = torch.randint(3, 128, (length,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return out
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = summed_token_loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_packed_equals_padded_loss_and_gradients(kind):
+    model = build(kind, pad_token_id=0)
+    model.train()
+    padded_loss, padded_grads = loss_and_grads(model, pad_batch(examples(), 0))
+    use_packed_attention(model)
+    packed_loss, packed_grads = loss_and_grads(model, packed_batch(examples()))
+    assert torch.allclose(packed_loss, padded_loss, rtol=1e-5), (kind, float(packed_loss), float(padded_loss))
+    for name, grad in padded_grads.items():
+        scale = grad.abs().max() + 1e-12
+        assert (packed_grads[name] - grad).abs().max() / scale < 1e-4, (kind, name)
+
+
+def test_the_window_matters_here():
+    """Without the window the packed loss would differ: the test above could fail."""
+    model = build("mistral", pad_token_id=0)
+    padded, _ = loss_and_grads(model, pad_batch(examples(), 0))
+    unwindowed = build("mistral", pad_token_id=0)
+    unwindowed.config.sliding_window = None
+    use_packed_attention(unwindowed)
+    packed, _ = loss_and_grads(unwindowed, packed_batch(examples()))
+    assert not torch.allclose(packed, padded, rtol=1e-5)
+
+
+def test_models_packing_cannot_be_exact_for_are_refused_in_one_line():
+    from transformers import AutoConfig
+
+    bidirectional = AutoConfig.for_model("gemma3_text", **SIZES, use_bidirectional_attention=True)
+    assert "use_bidirectional_attention" in packing_obstacle(bidirectional)
+    model = build("gemma3_text")
+    model.config.use_bidirectional_attention = True
+    with pytest.raises(PackingNotExact, match="set packing: false"):
+        switch_to_packed(model, True)
+    on, note = switch_to_packed(model, None)  # the default: padded batches, and the reason said
+    assert on is False and "use_bidirectional_attention" in note
+    assert switch_to_packed(build("llama"), False) == (False, None)
+
+
+@pytest.fixture(scope="module")
+def arch_folders(tmp_path_factory, tiny_dir):
+    """Each architecture saved as a model folder with lmtune's builtin tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    root = tmp_path_factory.mktemp("archs")
+    folders = {}
+    for kind in ARCHITECTURES:
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        model = build(kind, vocab_size=len(tokenizer), **ids)
+        folders[kind] = root / kind
+        model.save_pretrained(folders[kind], safe_serialization=True)
+        tokenizer.save_pretrained(folders[kind])
+    return folders
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_a_run_learns(kind, method, arch_folders, tmp_path):
+    rows = [{"instruction": f"Count to {i % 5}, slowly and clearly please", "output": " ".join(str(j) for j in range(i % 5 + 3))} for i in range(24)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {
+        "base_model": str(arch_folders[kind]), "dataset": str(data), "template": "chatml", "method": method,
+        "micro_batch_size": 4, "max_steps": 8, "learning_rate": 1e-2 if method == "lora" else 2e-3,
+        "lr_scheduler": "constant", "logging_steps": 1, "lora_target": ["all"], "seed": 0,
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False,
+    }
+    result = train(resolve(data=settings).config, quiet=True)
+    assert not result.notes, result.notes  # packed (the default), with nothing to report
+    curve = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+    assert sum(curve[-2:]) / 2 < 0.9 * curve[0], (kind, method, curve)
