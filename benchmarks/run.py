@@ -30,11 +30,15 @@ STARTED = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
 
+# lmtune runs each job with its defaults (padding-free batching included); `sft_lora_padded` turns
+# packing off, to show the padded path is no slower and no hungrier than the baseline.
 JOBS = {
     "sft_lora": {"stage": "sft", "method": "lora", "learning_rate": 2e-4},
     "sft_full": {"stage": "sft", "method": "full", "learning_rate": 5e-5},
     "pt": {"stage": "pt", "method": "full", "learning_rate": 5e-5},
+    "sft_lora_padded": {"stage": "sft", "method": "lora", "learning_rate": 2e-4, "packing": False},
 }
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)  # lmtune's default dropout, given to peft too
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 1024
 
@@ -92,7 +96,7 @@ def build_data(folder: Path, rows: int) -> None:
             handle.write(json.dumps({"text": sentence(rng, int(min(1000, max(30, rng.lognormvariate(math.log(220), 0.8)))))}) + "\n")
 
 
-def lmtune_config(job: str, model: Path, data: Path, out: Path, epochs: float) -> dict:
+def lmtune_config(job: str, model: Path, data: Path, out: Path, epochs: float, max_steps: int = -1) -> dict:
     spec = JOBS[job]
     config = {
         "base_model": str(model),
@@ -101,20 +105,22 @@ def lmtune_config(job: str, model: Path, data: Path, out: Path, epochs: float) -
         "dataset": str(data / ("text.jsonl" if job == "pt" else "train.jsonl")),
         "template": None if job == "pt" else "alpaca",
         "max_input_length": MAX_LEN,
-        "packing": True,
-        "micro_batch_size": 4,  # the baseline's 4 examples per step; packing lays them out without padding
+        "micro_batch_size": 4,  # the baseline's 4 examples per step, laid out without padding by default
         "epochs": epochs,
+        "max_steps": max_steps,
         "learning_rate": spec["learning_rate"],
         "lr_scheduler": "linear",
         "logging_steps": 1000,
         "output_dir": str(out),
         "overwrite_output_dir": True,
-        "cache_dir": str(out / "cache"),
+        "cache_dir": os.environ.get("LMTUNE_BENCH_CACHE", str(out / "cache")),
         "plot_loss": False,
         "seed": 0,
     }
+    if "packing" in spec:
+        config["packing"] = spec["packing"]
     if spec["method"] == "lora":
-        config.update(lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_target=["attention"])
+        config.update(lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"], lora_target=["attention"])
     return config
 
 
@@ -129,7 +135,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float) -> dict:
+def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float, max_steps: int) -> dict:
     from lmtune.config.load import resolve
     from lmtune.model.unused_imports import skip_bitsandbytes_unless_needed
 
@@ -142,18 +148,18 @@ def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float) ->
             marks["start"], marks["tokens0"] = now, state.real_tokens
         marks["end"], marks["tokens"] = now, state.real_tokens
 
-    resolved = resolve(data=lmtune_config(job, model, data, out, epochs))
+    resolved = resolve(data=lmtune_config(job, model, data, out, epochs, max_steps))
     assert resolved.config is not None, resolved.errors
     skip_bitsandbytes_unless_needed(resolved.config)  # what `lmtune train` does in its own process
     from lmtune.engine.loop import train
 
     result = train(resolved.config, quiet=True, on_step=on_step)
-    steady = marks["end"] - marks["start"]
+    steady = max(marks["end"] - marks["start"], 1e-9)
     return {
         "first_step_s": marks["first"],
         "tokens_per_s": (marks["tokens"] - marks["tokens0"]) / steady,
         "steps": result.steps,
-        "padding": _lmtune_padding(resolved.config),
+        "padding": 0.0 if resolved.config.data.packing is not False else _lmtune_padding(resolved.config),
         "peak_mb": peak_memory_mb(),
         "final": str(result.final_dir),
     }
@@ -167,10 +173,10 @@ def _lmtune_padding(config) -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.base_model)
     data = prepare(config, tokenizer, 2048)
-    return stage_for(config).batches(data.train, config, tokenizer, True).padding_fraction()
+    return stage_for(config).batches(data.train, config, tokenizer, True, packing=False).padding_fraction()
 
 
-def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: float) -> dict:
+def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: float, max_steps: int) -> dict:
     """What a user writes with plain transformers + peft: tokenize, pad to longest, Trainer."""
     import torch
     from datasets import load_dataset
@@ -189,9 +195,7 @@ def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: flo
     if spec["method"] == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
-        )
+        model = get_peft_model(model, LoraConfig(**LORA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
     if job == "pt":
         raw = load_dataset("json", data_files=str(data / "text.jsonl"), split="train")
 
@@ -236,6 +240,7 @@ def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: flo
         output_dir=str(out),
         per_device_train_batch_size=4,
         num_train_epochs=epochs,
+        max_steps=max_steps,
         learning_rate=spec["learning_rate"],
         lr_scheduler_type="linear",
         logging_steps=1000,
@@ -250,7 +255,7 @@ def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: flo
     trainer.train()
     final = out / "final"
     trainer.save_model(str(final))
-    steady = marks["end"] - marks["start"]
+    steady = max(marks["end"] - marks["start"], 1e-9)
     return {
         "first_step_s": marks["first"],
         "tokens_per_s": (marks["real_end"] - marks["real0"]) / steady,
@@ -347,15 +352,60 @@ def data_cache_speed(rows: int = 20000) -> dict:
 # -- orchestration --------------------------------------------------------------------------------
 
 
-def run_child(tool: str, job: str, model: Path, data: Path, epochs: float, index: int) -> dict:
+def run_child(tool: str, job: str, model: Path, data: Path, epochs: float, index: int, warm: bool = False) -> dict:
+    """One run in a fresh process. Cold: the tool's data cache is emptied first (what a newcomer's first
+    run meets). Warm: a 2-step run over the cache the cold run left, timed to its first step only."""
+    import shutil
+
     out = WORK / "runs" / f"{job}-{tool}-{index}"
-    command = [sys.executable, __file__, "--child", tool, "--job", job, "--model", str(model), "--data", str(data), "--out", str(out), "--epochs", str(epochs)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    caches = (out / "cache", out / "hf-datasets")  # lmtune's tokenised data; the baseline's `datasets` cache
+    if not warm:
+        for folder in caches:
+            shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, __file__, "--child", tool, "--job", job, "--model", str(model), "--data", str(data),
+               "--out", str(out / ("warm" if warm else "run")), "--epochs", str(epochs), "--max-steps", "2" if warm else "-1"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": str(caches[1]), "LMTUNE_BENCH_CACHE": str(caches[0])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{tool} {job} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["heldout_loss"] = heldout_loss(Path(result["final"]), model, data, job)
+    if not warm:
+        result["heldout_loss"] = heldout_loss(Path(result["final"]), model, data, job)
     return result
+
+
+def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's fp32 matmul throughput (all threads torch uses), best of repeated products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best / 1e9
+
+
+def model_flops_per_token(model: Path, data: Path, job: str) -> float:
+    """Training FLOPs per real token: 6 per matmul weight (4 with LoRA: frozen weights get no weight
+    gradient), plus causal attention 12 x layers x hidden x the mean context a token attends to."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model)
+    d, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    weights = layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + d * config.vocab_size
+    per_weight = 4 if JOBS[job]["method"] == "lora" else 6
+    if job == "pt":
+        lengths = [MAX_LEN]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+        lengths = [min(MAX_LEN, len(tokenizer(r["instruction"] + " " + r["output"])["input_ids"]) + 12) for r in rows]
+    context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    return per_weight * weights + 12 * layers * d * context
 
 
 def machine() -> str:
@@ -377,11 +427,12 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--out")
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
     args = parser.parse_args()
 
     if args.child:
         child = child_lmtune if args.child == "lmtune" else child_baseline
-        print(json.dumps(child(args.job, Path(args.model), Path(args.data), Path(args.out), args.epochs)))
+        print(json.dumps(child(args.job, Path(args.model), Path(args.data), Path(args.out), args.epochs, args.max_steps)))
         return
 
     runs = args.runs or (1 if args.quick else 3)
@@ -391,16 +442,25 @@ def main() -> None:
     build_model(model)
     build_data(data, rows)
     results: dict = {"machine": machine(), "runs": runs, "rows": rows, "jobs": {}}
+    results["matmul_peak_gflops"] = matmul_peak_gflops()
+    print(f"fp32 matmul peak: {results['matmul_peak_gflops']:.1f} GFLOP/s")
+    keys = ("tokens_per_s", "padding", "peak_mb", "first_step_s", "heldout_loss", "warm_first_step_s")
     for job in args.jobs.split(","):
         per_tool: dict = {"lmtune": [], "baseline": []}
         for index in range(runs):
             for tool in ("baseline", "lmtune") if index % 2 == 0 else ("lmtune", "baseline"):  # alternate
                 outcome = run_child(tool, job, model, data, 1.0, index)
+                outcome["warm_first_step_s"] = run_child(tool, job, model, data, 1.0, index, warm=True)["first_step_s"]
                 per_tool[tool].append(outcome)
-                print(f"  {job:9} {tool:8} run {index + 1}: {outcome['tokens_per_s']:8.0f} tok/s  padding {outcome['padding']:5.1%}  "
-                      f"peak {outcome['peak_mb']:7.0f} MB  first step {outcome['first_step_s']:5.1f}s  held-out {outcome['heldout_loss']:.4f}")
-        median = {tool: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "padding", "peak_mb", "first_step_s", "heldout_loss")} for tool, rs in per_tool.items()}
-        median["ratio"] = {k: median["lmtune"][k] / median["baseline"][k] for k in ("tokens_per_s", "peak_mb", "first_step_s")}
+                print(f"  {job:15} {tool:8} run {index + 1}: {outcome['tokens_per_s']:8.0f} tok/s  padding {outcome['padding']:5.1%}  "
+                      f"peak {outcome['peak_mb']:7.0f} MB  first step {outcome['first_step_s']:5.1f}s cold, "
+                      f"{outcome['warm_first_step_s']:5.1f}s warm  held-out {outcome['heldout_loss']:.4f}")
+        median = {tool: {k: statistics.median(r[k] for r in rs) for k in keys} for tool, rs in per_tool.items()}
+        flops = model_flops_per_token(model, data, job)
+        for tool in ("lmtune", "baseline"):
+            median[tool]["peak_share"] = flops * median[tool]["tokens_per_s"] / (results["matmul_peak_gflops"] * 1e9)
+        median["ratio"] = {k: median["lmtune"][k] / median["baseline"][k] for k in ("tokens_per_s", "peak_mb", "first_step_s", "warm_first_step_s")}
+        median["flops_per_token"] = flops
         results["jobs"][job] = median
     results["commands_s"] = command_speed()
     results["data_cache"] = data_cache_speed(2000 if args.quick else 20000)
@@ -418,16 +478,27 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {results['machine']}. Medians of {results['runs']} alternated runs per tool, {results['rows']} training rows, 1 epoch.",
         "Written by `python benchmarks/run.py`; ratios are lmtune / baseline (transformers Trainer + peft, padding to the longest).",
+        "lmtune runs with its defaults (padding-free batching on); `sft_lora_padded` sets `packing: false`.",
+        "First step: seconds from process start to the end of the first optimizer step, with the tool's data cache",
+        "emptied (cold: lmtune's tokenised-data cache, the baseline's `datasets` cache) and again over that cache (warm).",
+        f"Share of peak: model FLOPs of the real (non-padding) tokens per second over this machine's fp32 matmul peak,",
+        f"measured in the same run: {results['matmul_peak_gflops']:.1f} GFLOP/s (2048x2048 products, all threads).",
         "",
-        "| job | tool | non-padding tok/s | padding | peak MB | first step s | held-out loss |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| job | tool | non-padding tok/s | share of fp32 peak | padding | peak MB | first step s (cold) | first step s (warm) | held-out loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for job, median in results["jobs"].items():
         for tool in ("baseline", "lmtune"):
             m = median[tool]
-            lines.append(f"| {job} | {tool} | {m['tokens_per_s']:.0f} | {m['padding']:.1%} | {m['peak_mb']:.0f} | {m['first_step_s']:.1f} | {m['heldout_loss']:.4f} |")
+            lines.append(
+                f"| {job} | {tool} | {m['tokens_per_s']:.0f} | {m['peak_share']:.1%} | {m['padding']:.1%} | {m['peak_mb']:.0f} | "
+                f"{m['first_step_s']:.1f} | {m['warm_first_step_s']:.1f} | {m['heldout_loss']:.4f} |"
+            )
         r = median["ratio"]
-        lines.append(f"| {job} | **ratio** | **{r['tokens_per_s']:.2f}x** | | **{r['peak_mb']:.2f}x** | **{r['first_step_s']:.2f}x** | |")
+        lines.append(
+            f"| {job} | **ratio** | **{r['tokens_per_s']:.2f}x** | | | **{r['peak_mb']:.2f}x** | "
+            f"**{r['first_step_s']:.2f}x** | **{r['warm_first_step_s']:.2f}x** | |"
+        )
     c = results["commands_s"]
     lines += ["", f"`lmtune check`: {c['check']:.2f} s, `lmtune explain`: {c['explain']:.2f} s (wall, median of 11 after a warm-up, bytecode cached)."]
     d = results["data_cache"]

@@ -271,3 +271,78 @@ def test_chat_prompt_answers_with_the_training_template(tmp_path, capsys):
     model, tokenizer, meta = load_for_inference(result.run_dir)
     expected = answer(model, tokenizer, [[{"role": "user", "content": "What is item 3?"}]], meta["template"], max_new_tokens=8)[0]
     assert printed == expected
+
+
+def test_fused_lora_dropout_is_dropout_then_linear():
+    """Same output and gradients as F.linear(dropout(x)) with the same mask."""
+    from lmtune.model.lora_forward import _DropoutLinear, keep_mask
+
+    p = 0.3
+    x = torch.randn(4, 50, 32, requires_grad=True)
+    weight = torch.randn(8, 32, requires_grad=True)
+    torch.manual_seed(11)
+    out = _DropoutLinear.apply(x, weight, p)
+    out.square().sum().backward()
+    torch.manual_seed(11)
+    keep = keep_mask(x.shape, p, x.device)  # the mask the function drew
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference = torch.nn.functional.linear(x2 * keep / (1 - p), w2)
+    reference.square().sum().backward()
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-4) and torch.allclose(weight.grad, w2.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
+def test_dropout_mask_is_independent_bernoulli(p):
+    from lmtune.model.lora_forward import keep_mask
+
+    torch.manual_seed(0)
+    dropped = torch.stack([~keep_mask(torch.Size([64, 512]), p, torch.device("cpu")) for _ in range(40)]).float()
+    n = dropped.numel()
+    assert abs(dropped.mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5
+    pairs = (dropped.flatten()[1:] * dropped.flatten()[:-1]).mean().item()  # neighbours dropped together
+    assert abs(pairs - p * p) < 6 * (p * p * (1 - p * p) / n) ** 0.5
+    per_position = dropped.mean(0)  # no position is favoured
+    assert (per_position - p).abs().max() < 6 * (p * (1 - p) / 40) ** 0.5 + 0.01
+
+
+def test_lora_dropout_is_fused_into_every_adapter(tmp_path):
+    from lmtune.model.load import load_model
+    from lmtune.model.lora_forward import DropoutLoraA
+    from lmtune.model.methods import apply_method
+
+    config = load_config(make_config(tmp_path, method="lora", lora_dropout=0.1))
+    model = apply_method(load_model(config), config)
+    adapters = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert adapters and all(isinstance(m.lora_A["default"], DropoutLoraA) for m in adapters)
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in adapters)
+    assert all(m.lora_A["default"].dropout_p == 0.1 for m in adapters)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_lora_forward_equals_peft(tmp_path, dropout):
+    """Same output and gradients as peft's forward (with dropout off, where the masks cannot differ)."""
+    from lmtune.model.load import load_model
+    from lmtune.model.methods import apply_method
+
+    config = load_config(make_config(tmp_path, method="lora", lora_dropout=dropout, lora_target=["all"]))
+    model = apply_method(load_model(config), config)
+    lean = [m for m in model.modules() if "forward" in vars(m)]
+    assert lean, "no layer got the lean forward"
+    for module in model.modules():  # B starts at zero in LoRA; give it values so the adapter path counts
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    ids = torch.randint(5, 200, (2, 12))
+    model.eval()  # no dropout: both forwards compute the same numbers
+    grads = []
+    for use_lean in (True, False):
+        if not use_lean:
+            for module in lean:
+                del module.forward
+        model.zero_grad()
+        out = model(input_ids=ids).logits
+        out.square().mean().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[1][1][name], rtol=1e-4, atol=1e-6), name
