@@ -346,3 +346,30 @@ def test_lean_lora_forward_equals_peft(tmp_path, dropout):
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     for name, grad in grads[0][1].items():
         assert torch.allclose(grad, grads[1][1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_last_feed_forward_runs_only_where_the_loss_reads(tmp_path, monkeypatch):
+    """Same loss and gradients, with the last block's MLP run on the trained positions alone."""
+    from contextlib import nullcontext
+
+    from lmtune.data.batches import pad_batch
+    from lmtune.engine import loss as loss_module
+    from lmtune.model.load import load_model
+
+    model = load_model(load_config(make_config(tmp_path)))
+    rows_seen = []
+    model.get_decoder().layers[-1].mlp.down_proj.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    examples = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * (n - 3) + list(range(5 + n - 3, 5 + n))} for n in (9, 14)]
+    batch = pad_batch(examples, 0)
+    results = []
+    for skipping in (True, False):
+        if not skipping:
+            monkeypatch.setattr(loss_module, "feed_forward_only_at", lambda decoder, rows: nullcontext())
+        model.zero_grad()
+        total = loss_module.summed_token_loss(model, batch)
+        total.backward()
+        results.append((total.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert rows_seen == [6, 2 * 14]  # 3 trained targets per example, read at the positions before them; then every position
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

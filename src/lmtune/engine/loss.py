@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.batches import IGNORE, attention_inputs
+from ..model.last_block import feed_forward_only_at
 
 CHUNK = 1024
 
@@ -42,7 +43,10 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits[keep], targets[keep], reduction="sum")
     decoder = model.get_decoder()
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    # Rows of the (batch x positions) grid whose final hidden state the loss reads.
+    read = torch.nn.functional.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
+    with feed_forward_only_at(decoder, read):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     hidden, targets = hidden[keep], targets[keep]
     head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
