@@ -153,6 +153,7 @@ def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float, ma
     skip_bitsandbytes_unless_needed(resolved.config)  # what `lmtune train` does in its own process
     from lmtune.engine.loop import train
 
+    imports = time.perf_counter() - STARTED  # interpreter, lmtune, torch, transformers, accelerate
     result = train(resolved.config, quiet=True, on_step=on_step)
     steady = max(marks["end"] - marks["start"], 1e-9)
     return {
@@ -160,6 +161,7 @@ def child_lmtune(job: str, model: Path, data: Path, out: Path, epochs: float, ma
         "tokens_per_s": (marks["tokens"] - marks["tokens0"]) / steady,
         "steps": result.steps,
         "padding": 0.0 if resolved.config.data.packing is not False else _lmtune_padding(resolved.config),
+        "startup": {"imports": round(imports, 3), **result.startup},
         "peak_mb": peak_memory_mb(),
         "final": str(result.final_dir),
     }

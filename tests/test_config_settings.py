@@ -198,3 +198,9 @@ def test_same_value_twice_is_fine():
     resolved = resolve(data={"num_epochs": 2, "epochs": 2})
     assert not resolved.errors
     assert resolved.config.training.epochs == 2
+
+
+@pytest.mark.parametrize("value", [True, False, None])
+def test_packing_keeps_all_three_meanings(value):
+    """Unset (exact wherever possible), true (insist) and false (padded) are different runs."""
+    assert resolve(data={"packing": value}).config.data.packing is value

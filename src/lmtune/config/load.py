@@ -7,6 +7,7 @@ and every mistake becomes one `Problem` line that names the key and the fix.
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -154,7 +155,7 @@ class _Assignments:
         self.problems: list[Problem] = []
 
     def put(self, key: str, value: Any, source: Source) -> None:
-        if value is False and _is_optional(key) and field_info(key).annotation is not bool:
+        if value is False and _is_optional(key) and bool not in typing.get_args(field_info(key).annotation):
             value = None  # torchtune writes `resume_from_checkpoint: False` for "none"
         if value is None and not _is_optional(key):
             return  # an empty key in Axolotl/LLaMA-Factory files means "default"

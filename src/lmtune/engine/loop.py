@@ -67,6 +67,7 @@ class RunResult:
     seconds: float
     tokens_per_second: float
     notes: list[str]
+    startup: dict[str, float]  # seconds of each phase from train() to the end of the first step
 
 
 def seed_everything(seed: int) -> None:
@@ -153,6 +154,15 @@ def train(
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
     notes: list[str] = []
+    startup: dict[str, float] = {}
+    phase_start = started
+
+    def phase(name: str) -> None:
+        nonlocal phase_start
+        now = time.perf_counter()
+        startup[name] = round(now - phase_start, 4)
+        phase_start = now
+
     level = config.sagemaker.sagemaker_container_log_level
     if level is not None:  # a SageMaker job's logging level applies to the libraries' loggers too
         import logging
@@ -189,14 +199,18 @@ def train(
 
     # -- data -----------------------------------------------------------------
     # The data step checks max_input_length against the model's context before any weight loads.
+    phase("setup")
     tokenizer = load_tokenizer(config)
+    phase("tokenizer")
     data = prepare(config, tokenizer, context_length(load_model_config(config)), config_dir)
+    phase("data")
     if not quiet and main_process:
         for line in data.summary.lines():
             print(f"data: {line}")
 
     # -- model and method -----------------------------------------------------
     model = load_model(config)
+    phase("model load")
     packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
     if packing_note:
         notes.append(packing_note)
@@ -227,6 +241,7 @@ def train(
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    phase("method and optimizer")
     if t.torch_compile:
         model = torch.compile(model)
     eval_steps, eval_each_epoch = eval_every(config, steps_per_epoch, eval_batches is not None)
@@ -340,6 +355,8 @@ def train(
             window_tokens += tokens
             last_loss = loss_value
             bar.update(1)
+            if "first step" not in startup:
+                phase("first step")
             if on_step is not None:
                 on_step(state)
 
@@ -398,6 +415,7 @@ def train(
         best_checkpoint=state.best_checkpoint,
         seconds=seconds,
         tokens_per_second=state.trained_tokens / max(seconds, 1e-9),
+        startup=startup,
         notes=notes + ([f"stopped early after {state.evals_without_gain} evaluations without improvement"] if state.stopped_early else []),
     )
     if main_process:
