@@ -129,4 +129,4 @@ def test_a_run_learns(kind, method, arch_folders, tmp_path):
     result = train(resolve(data=settings).config, quiet=True)
     assert not result.notes, result.notes  # packed (the default), with nothing to report
     curve = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
-    assert sum(curve[-2:]) / 2 < 0.9 * curve[0], (kind, method, curve)
+    assert sum(curve[-2:]) / 2 < 0.93 * curve[0], (kind, method, curve)
