@@ -33,6 +33,14 @@ def _uses_plain_head(model: torch.nn.Module) -> bool:
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
 
+def rows_read(keep: torch.Tensor) -> torch.Tensor | None:
+    """Rows of the (batch x positions) grid whose final hidden state the loss reads; None when nearly all
+    are (pt), where skipping the rest would not pay for gathering them."""
+    if keep.float().mean() > 0.9:
+        return None
+    return F.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
+
+
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
     labels = batch["labels"]
@@ -43,9 +51,7 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits[keep], targets[keep], reduction="sum")
     decoder = model.get_decoder()
-    # Rows of the (batch x positions) grid whose final hidden state the loss reads.
-    read = torch.nn.functional.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
-    with feed_forward_only_at(decoder, read):
+    with feed_forward_only_at(decoder, rows_read(keep)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     hidden, targets = hidden[keep], targets[keep]
     head = model.get_output_embeddings()
@@ -57,3 +63,62 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         else:
             total = total + _chunk_loss(head, part, goal)
     return total
+
+
+def _sequence_of_positions(batch: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Which sequence of the batch each position (batch x positions grid) belongs to."""
+    if "cu_seq_lens" in batch:
+        bounds = batch["cu_seq_lens"].to(batch["input_ids"].device)
+        positions = torch.arange(shape[1], device=bounds.device)
+        return torch.bucketize(positions, bounds[1:], right=True)[None].expand(shape)
+    return torch.arange(shape[0], device=batch["input_ids"].device)[:, None].expand(shape)
+
+
+def sequences_in(batch: dict[str, torch.Tensor]) -> int:
+    return len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sequence's trained tokens, how many there are), one entry per sequence.
+
+    The output head runs on trained positions only, in checkpointed chunks, as in summed_token_loss.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    sequence = _sequence_of_positions(batch, labels.shape)[:, 1:][keep]
+    count = sequences_in(batch)
+    inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
+    if not _uses_plain_head(model):
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        token_logps = -F.cross_entropy(logits[keep], targets[keep], reduction="none")
+    else:
+        decoder = model.get_decoder()
+        with feed_forward_only_at(decoder, rows_read(keep)):
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        head = model.get_output_embeddings()
+        goals = targets[keep]
+        parts = []
+        for start in range(0, hidden.shape[0], CHUNK):
+            part, goal = hidden[start : start + CHUNK], goals[start : start + CHUNK]
+            if torch.is_grad_enabled() and part.requires_grad:
+                parts.append(checkpoint(_chunk_logps, head, part, goal, use_reentrant=False))
+            else:
+                parts.append(_chunk_logps(head, part, goal))
+        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    sums = token_logps.new_zeros(count).index_add(0, sequence, token_logps)
+    tokens = torch.zeros(count, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
+    return sums, tokens
+
+
+def last_token_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The row (of the flattened batch x positions grid) of each sequence's last real token."""
+    if "cu_seq_lens" in batch:
+        return batch["cu_seq_lens"][1:].to(batch["input_ids"].device) - 1
+    mask = batch["attention_mask"]
+    return torch.arange(mask.shape[0], device=mask.device) * mask.shape[1] + mask.sum(1) - 1

@@ -139,15 +139,15 @@ def _packed(
         # query: (1, heads, tokens, dim); key/value may have fewer (grouped) heads, which SDPA
         # reads in place (enable_gqa) instead of copying them out to every query head.
         grouped = query.shape[1] != key.shape[1]
+        # split (not slicing) so the backward pass joins the pieces' gradients in one tensor, instead of
+        # padding each piece's gradient out to the whole row with zeros and adding them up.
+        lengths = [end - start for start, end in zip(packed_bounds[:-1], packed_bounds[1:])]
         pieces = [
-            _one_example(
-                query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                scaling=scaling, dropout=dropout, window=sliding_window, softcap=softcap, grouped=grouped,
-            )
-            for start, end in zip(packed_bounds[:-1], packed_bounds[1:])
+            _one_example(q, k, v, scaling=scaling, dropout=dropout, window=sliding_window, softcap=softcap, grouped=grouped)
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
         ]
-        output = torch.cat(pieces, dim=2)
-        return output.transpose(1, 2).contiguous(), None
+        # (1, tokens, heads, dim), contiguous straight out of cat: no separate transpose copy.
+        return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1), None
 
     return attention
 
