@@ -60,7 +60,7 @@ def test_data_command_summarises_and_shows(tmp_path, capsys):
     path = bad_train_config(tmp_path, template="chatml")
     assert main(["data", path, "--show", "1"]) == 0
     out = capsys.readouterr().out
-    assert "rows read: 1 (1 instruction)" in out and "padding:" in out and "tokens per example:" in out
+    assert "rows read: 1 (1 instruction)" in out and "padding if batches of" in out and "tokens per example:" in out
     assert "<|im_start|>assistant\n[[b<|im_end|>\n]]" in out
 
 

@@ -373,3 +373,34 @@ def test_last_feed_forward_runs_only_where_the_loss_reads(tmp_path, monkeypatch)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lean_mlp_gives_the_same_numbers_and_keeps_less(tmp_path):
+    from lmtune.data.batches import pad_batch
+    from lmtune.engine.loss import summed_token_loss
+    from lmtune.model.lean_mlp import use_lean_mlp
+    from lmtune.model.load import load_model
+
+    model = load_model(load_config(make_config(tmp_path)))
+    examples = [{"input_ids": list(range(5, 25)), "labels": list(range(5, 25))}]
+    batch = pad_batch(examples, 0)
+
+    def run():
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.numel())
+            return tensor
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = summed_token_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(kept)
+
+    plain = run()
+    assert use_lean_mlp(model) == model.config.num_hidden_layers
+    lean = run()
+    assert torch.equal(plain[0], lean[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], lean[1]))
+    assert lean[2] < plain[2]

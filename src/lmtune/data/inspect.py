@@ -55,10 +55,11 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
         seed = config.training.seed
         padded = Batches(data.train, size, tokenizer.pad_token_id, seed=seed).padding_fraction()
         grouped = Batches(data.train, size, tokenizer.pad_token_id, seed=seed, group_by_length=True).padding_fraction()
-        print(
-            f"padding: {padded:.1%} of positions in batches of {size}, {grouped:.1%} grouped by length, "
-            "none with packing"
+        layout = (
+            "training pads each batch (packing: false)" if config.data.packing is False
+            else "training packs each batch without padding (the default; packing: false pads)"
         )
+        print(f"padding if batches of {size} were padded: {padded:.1%} of positions, {grouped:.1%} grouped by length; {layout}")
     color = sys.stdout.isatty()
     for number, example in enumerate(data.train[:show], 1):
         print(f"\n--- example {number} ({'trained tokens in green' if color else 'trained tokens in [[ ]]'})")

@@ -137,6 +137,9 @@ def apply_method(model: torch.nn.Module, config: Config) -> Any:
         model = apply_lora(model, config)
     if config.training.gradient_checkpointing and method != "full":
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+    from .lean_mlp import use_lean_mlp
+
+    use_lean_mlp(model)  # the same numbers, a quarter fewer feed-forward activations kept (see lean_mlp)
     return model
 
 
