@@ -116,9 +116,11 @@ def _rl(value: Any) -> dict[str, Any]:
         return {}
     if text == "dpo":
         return {"stage": "dpo"}
-    if text == "ipo":
-        return {"stage": "dpo", "pref_loss": "ipo"}
-    raise AliasError(f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo as pref_loss: ipo), rm and ppo")
+    if text in ("ipo", "orpo", "simpo"):
+        return {"stage": "dpo", "pref_loss": text}
+    raise AliasError(
+        f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo, orpo, simpo as pref_loss), rm and ppo"
+    )
 
 
 def _lora_target_linear(value: Any) -> dict[str, Any]:

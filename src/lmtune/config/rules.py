@@ -199,11 +199,17 @@ def stage_needs(r: "Resolved") -> list[Problem]:
         out.append(
             Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")
         )
-    if d.packing is True and c.stage not in ("pt", "sft"):
-        out.append(Problem("error", "packing", f"packing applies to pt and sft, not {c.stage}; set packing: false"))
+    if d.packing is True and c.stage == "ppo":
+        out.append(Problem("error", "packing", "packing applies to pt, sft, rm and dpo, not ppo's rollouts; set packing: false"))
     if c.reward_model and c.stage != "ppo":
         out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
-    dpo_only = _set_keys(r, ("pref_beta", "pref_loss"))
+    if c.stage == "dpo" and c.precompute_ref_logps and c.method in ("lora", "qlora"):
+        out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
+    if c.stage == "dpo" and c.pref_loss != "simpo" and r.was_set("simpo_gamma"):
+        out.append(Problem("warning", "simpo_gamma", f"ignored with pref_loss: {c.pref_loss}; it applies to simpo"))
+    if c.stage == "dpo" and c.pref_loss != "sigmoid" and c.dpo_label_smoothing > 0:
+        out.append(Problem("warning", "dpo_label_smoothing", f"ignored with pref_loss: {c.pref_loss}; it applies to sigmoid"))
+    dpo_only = _set_keys(r, ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "precompute_ref_logps"))
     if dpo_only and c.stage != "dpo":
         out.append(Problem("warning", ", ".join(dpo_only), f"ignored with stage: {c.stage}; they apply to dpo"))
     return out

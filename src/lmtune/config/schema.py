@@ -217,10 +217,44 @@ class FinetuningArgs(Group):
         llamafactory=("pref_beta",),
         axolotl=("rl_beta",),
     )
-    pref_loss: Literal["sigmoid", "hinge", "ipo"] = setting(
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = setting(
         "sigmoid",
-        "With `dpo`: the preference loss (`sigmoid` is the original DPO).",
+        "With `dpo`: the preference loss. `sigmoid` is the original DPO, `ipo` a "
+        "squared loss on length-averaged log-ratios, `hinge` a margin loss (SLiC); "
+        "`orpo` (odds ratio plus SFT on the chosen answer) and `simpo` (length-"
+        "averaged log-probabilities with a margin) need no reference model.",
         llamafactory=("pref_loss",),
+    )
+    simpo_gamma: float = setting(
+        0.5,
+        "With `pref_loss: simpo`: the target margin between chosen and rejected rewards.",
+        more="Asks for a wider gap between chosen and rejected answers.",
+        less="A narrower gap is enough; 0 is plain length-normalised preference.",
+        ge=0.0,
+        llamafactory=("simpo_gamma",),
+    )
+    dpo_label_smoothing: float = setting(
+        0.0,
+        "With `pref_loss: sigmoid`: the share of preference labels assumed flipped "
+        "(conservative DPO); 0 trusts every pair.",
+        ge=0.0,
+        lt=0.5,
+        llamafactory=("dpo_label_smoothing",),
+        axolotl=("dpo_label_smoothing",),
+    )
+    pref_ftx: float = setting(
+        0.0,
+        "With `dpo`: weight of an added SFT loss (per-token negative log-likelihood) on the chosen answer.",
+        more="Keeps the policy fluent on the chosen answers; the preference counts less.",
+        less="Pure preference loss at 0.",
+        ge=0.0,
+        llamafactory=("pref_ftx",),
+    )
+    precompute_ref_logps: bool = setting(
+        False,
+        "With `dpo` and `method: full`: compute the reference model's log-probabilities "
+        "once before training, so training holds one model instead of two.",
+        axolotl=("precompute_ref_log_probs",),
     )
     reward_model: Optional[str] = setting(
         None,

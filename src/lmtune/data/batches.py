@@ -17,8 +17,20 @@ import torch
 IGNORE = -100
 
 
-def lengths_of(examples: Sequence[dict[str, Any]], field: str = "input_ids") -> list[int]:
-    return [len(e[field]) for e in examples]
+def lengths_of(examples: Sequence[dict[str, Any]]) -> list[int]:
+    """Tokens per example (a preference pair counts both of its sequences)."""
+    if examples and "chosen_input_ids" in examples[0]:
+        return [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples]
+    return [len(e["input_ids"]) for e in examples]
+
+
+def pair_sequences(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A micro batch of preference pairs as sequences: every chosen answer, then every rejected one."""
+    return [
+        {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]}
+        for side in ("chosen", "rejected")
+        for pair in pairs
+    ]
 
 
 def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -127,17 +139,28 @@ class Batches:
         """Share of computed positions that are padding in one epoch (from lengths, no tensors)."""
         if self.packing:
             return 0.0  # packed micro batches are one row of real tokens
-        lengths = lengths_of(self.examples)
         order = self._order(epoch)
         real = total = 0
         for start in range(0, len(order), self.micro_batch_size):
-            chosen = [lengths[i] for i in order[start : start + self.micro_batch_size]]
-            real += sum(chosen)
-            total += max(chosen) * len(chosen)
+            chosen = [self.examples[i] for i in order[start : start + self.micro_batch_size]]
+            lengths = [len(e["input_ids"]) for e in (pair_sequences(chosen) if "chosen_input_ids" in chosen[0] else chosen)]
+            real += sum(lengths)
+            total += max(lengths) * len(lengths)
         return 1 - real / total if total else 0.0
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         order = self._order(epoch)
         for start in range(skip * self.micro_batch_size, len(order), self.micro_batch_size):
-            chosen = [self.examples[i] for i in order[start : start + self.micro_batch_size]]
-            yield packed_batch(chosen) if self.packing else pad_batch(chosen, self.pad_id)
+            yield self.collate([self.examples[i] for i in order[start : start + self.micro_batch_size]])
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = "chosen_input_ids" in examples[0]
+        sequences = pair_sequences(examples) if pairs else examples
+        batch = packed_batch(sequences) if self.packing else pad_batch(sequences, self.pad_id)
+        if pairs:
+            batch["pairs"] = torch.tensor(len(examples))
+            if "margin" in examples[0]:
+                batch["margin"] = torch.tensor([float(e["margin"][0]) for e in examples])
+            if "ref_logps" in examples[0]:  # dpo's reference log-probabilities, computed before training
+                batch["ref_logps"] = torch.tensor([list(map(float, e["ref_logps"])) for e in examples], dtype=torch.float32)
+        return batch

@@ -16,6 +16,7 @@ import numpy as np
 from ..staged_folder import staged_folder
 
 DEFAULT_DIR = ".lmtune-cache"
+FLOAT_FIELDS = ("margin",)  # every other field holds token ids or labels
 
 
 def folder(cache_dir: Optional[str], key: str) -> Path:
@@ -30,7 +31,7 @@ def _pack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         lengths = np.fromiter((len(e[name]) for e in examples), dtype=np.int64, count=len(examples))
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.empty(int(offsets[-1]), dtype=np.int32)
+        flat = np.empty(int(offsets[-1]), dtype=np.float32 if name in FLOAT_FIELDS else np.int32)
         for example, start, end in zip(examples, offsets[:-1], offsets[1:]):
             flat[start:end] = example[name]
         arrays[f"{name}.tokens"], arrays[f"{name}.offsets"] = flat, offsets

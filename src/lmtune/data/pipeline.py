@@ -31,7 +31,7 @@ from .records import (
 from .templates import pick_renderer
 from .tokenize import tokenize_records
 
-DATA_VERSION = "1"
+DATA_VERSION = "2"  # preference pairs: dropped pairs counted, margins kept
 
 # The record kinds each stage can learn from.
 STAGE_KINDS = {
@@ -315,7 +315,9 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
     summary.train_examples, summary.val_examples, summary.max_len = len(train), len(val), max_len
     if not train:
         reasons = ", ".join(f"{n} {k}" for k, n in summary.outcomes.items()) or "no rows"
-        raise DataError(f"no training example is left after filtering ({reasons}); check max_input_length and the data")
+        first = next((r for r in train_records if r.get("drop")), None)
+        where = f"; the first is {first['where']} ({first['drop']})" if first else ""
+        raise DataError(f"no training example is left after filtering ({reasons}){where}; check max_input_length and the data")
     saved = asdict(summary)
     saved.pop("from_cache")
     train, val = cache.save(folder, train, val, saved)

@@ -224,6 +224,14 @@ def _turn(row: Row, where: str, turn: Any) -> dict[str, str]:
     return {"role": ROLE_NAMES[str(role).lower()], "content": str(content)}
 
 
+def _preference_answer(row: Row, field: str) -> str:
+    """A preference answer; an empty string is kept (the pair is dropped and counted later), a missing one is an error."""
+    value = row.values.get(field)
+    if isinstance(value, str) and not value.strip():
+        return ""
+    return _answer(row, field)
+
+
 def _answer(row: Row, field: str) -> str:
     value = _need(row, field)
     if isinstance(value, dict):
@@ -287,8 +295,19 @@ def normalise(row: Row, fmt: str) -> dict[str, Any]:
             messages = _instruction_messages(row)
         if not messages or messages[-1]["role"] != "user":
             raise DataError(f"{row.where}: the prompt of a preference row must end with a user turn")
-        chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
-        return {"kind": "preference", "messages": messages, "chosen": chosen, "rejected": rejected}
+        chosen, rejected = _preference_answer(row, "chosen"), _preference_answer(row, "rejected")
+        record = {"kind": "preference", "messages": messages, "chosen": chosen, "rejected": rejected}
+        # Pairs that teach nothing are dropped and counted, not errors: whole datasets carry a few.
+        if not chosen.strip() or not rejected.strip():
+            record.update(drop="chosen or rejected answer is empty", where=row.where)
+        elif chosen.strip() == rejected.strip():
+            record.update(drop="chosen equals rejected", where=row.where)
+        if values.get("margin") is not None:
+            try:
+                record["margin"] = float(values["margin"])
+            except (TypeError, ValueError):
+                raise DataError(f"{row.where}: `margin` must be a number, got {values['margin']!r}") from None
+        return record
     if fmt == "prompt":
         if "messages" in values or "conversations" in values:
             messages = _messages(row, "messages" if "messages" in values else "conversations")

@@ -102,6 +102,9 @@ def tokenize_preferences(
     for index, segments in enumerate(prompts):
         prompt_ids = [t for piece in prompt_pieces[at : at + len(segments)] for t in piece]
         at += len(segments)
+        if records[index].get("drop"):
+            outcomes[f"dropped: {records[index]['drop']}"] += 1
+            continue
         pair, outcome = {}, "kept"
         for side, answer_ids in (("chosen", answer_pieces[2 * index]), ("rejected", answer_pieces[2 * index + 1])):
             ids = prompt_ids + answer_ids
@@ -115,6 +118,8 @@ def tokenize_preferences(
             pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, labels
         outcomes[outcome] += 1
         if len(pair) == 4:
+            if "margin" in records[index]:
+                pair["margin"] = [records[index]["margin"]]
             examples.append(pair)
     return examples, outcomes
 

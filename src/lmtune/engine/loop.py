@@ -121,15 +121,23 @@ def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Opt
 def evaluate(model: Any, stage: Any, batches: Batches, accelerator: Any) -> dict[str, float]:
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for batch in batches.epoch(0):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            total += stage.summed_loss(model, batch).double()
+            summed, metrics = stage.summed_loss(model, batch)
+        total += summed.double()
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0) + value.double()
         count += stage.count(batch)
     model.train()
     loss = float(total) / max(count, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    out = {"eval_loss": loss}
+    if stage.unit == "tokens":
+        out["eval_perplexity"] = math.exp(min(loss, 50.0))
+    out.update({f"eval_{name}": float(value) / max(count, 1) for name, value in sums.items()})
+    return out
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -209,7 +217,7 @@ def train(
             print(f"data: {line}")
 
     # -- model and method -----------------------------------------------------
-    model = load_model(config)
+    model = load_model(config, head=stage.head)
     phase("model load")
     packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
     if packing_note:
@@ -241,6 +249,8 @@ def train(
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if hasattr(stage, "prepare"):  # dpo: the reference policy, before any weight moves
+        stage.prepare(model, [b for b in (train_batches, eval_batches) if b is not None])
     phase("method and optimizer")
     if t.torch_compile:
         model = torch.compile(model)
@@ -304,6 +314,7 @@ def train(
     # -- the loop ---------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step", disable=quiet or not main_process)
     window_loss, window_tokens = 0.0, 0
+    window_metrics: dict[str, float] = {}
     window_start = time.perf_counter()
     last_loss: Optional[float] = None
     world = accelerator.num_processes
@@ -322,21 +333,24 @@ def train(
                 global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
             scale = world / max(global_tokens, 1)
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            step_metrics: dict[str, torch.Tensor] = {}
             for index, batch in enumerate(group):
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 last = index == len(group) - 1
                 with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
                     with accelerator.autocast():
-                        summed = stage.summed_loss(model, batch)
+                        summed, metrics = stage.summed_loss(model, batch)
                     accelerator.backward(summed * scale)
                 step_loss += summed.detach().double()
+                for name, value in metrics.items():
+                    step_metrics[name] = step_metrics.get(name, 0) + value.detach().double()
             if t.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             grad_norm = torch.as_tensor(grad_norm, device=step_loss.device)
             # One device-to-host transfer per optimizer step, for the divergence check and the log.
-            summed_value, norm_value = torch.stack([step_loss, grad_norm.double()]).tolist()
+            summed_value, norm_value, *metric_values = torch.stack([step_loss, grad_norm.double(), *step_metrics.values()]).tolist()
             loss_value = summed_value / max(tokens, 1)
             # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
             # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
@@ -353,6 +367,8 @@ def train(
             state.trained_tokens += tokens
             window_loss += summed_value
             window_tokens += tokens
+            for name, value in zip(step_metrics, metric_values):
+                window_metrics[name] = window_metrics.get(name, 0.0) + value
             last_loss = loss_value
             bar.update(1)
             if "first step" not in startup:
@@ -369,11 +385,13 @@ def train(
                     "loss": loss,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": norm_value,
-                    "tokens_per_second": window_tokens * world / max(elapsed, 1e-9),
+                    f"{stage.unit}_per_second": window_tokens * world / max(elapsed, 1e-9),
+                    **{name: value / max(window_tokens, 1) for name, value in window_metrics.items()},
                 }
                 log.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", **{"tok_s" if stage.unit == "tokens" else f"{stage.unit}_s": f"{record[f'{stage.unit}_per_second']:.0f}"})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window_metrics = {}
             if eval_steps and state.global_step % eval_steps == 0 and run_eval():
                 state.stopped_early = True
                 break
@@ -438,6 +456,8 @@ def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) 
 def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path) -> None:
     """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it."""
     final_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "num_labels", None) == 1 and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a reward model: transformers finds the last token by it
     model.save_pretrained(final_dir, safe_serialization=True)
     tokenizer.save_pretrained(final_dir)
     meta = {

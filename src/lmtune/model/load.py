@@ -100,8 +100,9 @@ def load_model_config(config: Config, location: str | None = None) -> Any:
         raise _cannot_load("base_model", where, exc) from None
 
 
-def load_model(config: Config, location: str | None = None) -> Any:
-    from transformers import AutoModelForCausalLM
+def load_model(config: Config, location: str | None = None, head: str = "lm") -> Any:
+    """The base model with its language-model head, or (`head="reward"`) with one scalar output (rm)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, f = config.model, config.finetuning
     if not m.base_model and location is None:
@@ -130,15 +131,37 @@ def load_model(config: Config, location: str | None = None) -> Any:
     )
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    auto = AutoModelForCausalLM
+    if head == "reward":
+        auto = AutoModelForSequenceClassification
+        model_config.num_labels = 1
+        if model_config.pad_token_id is None:  # transformers finds the last token by it; lmtune sets the real one at save
+            model_config.pad_token_id = model_config.eos_token_id if isinstance(model_config.eos_token_id, int) else 0
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": _device_index()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = _quietly(auto.from_pretrained, where, **kwargs)
     except (ImportError, OSError) as exc:
         raise _cannot_load("base_model", where, exc) from None
+    except ValueError as exc:  # e.g. no sequence-classification class for this architecture
+        raise _cannot_load("base_model", where, exc) from None
+    if head == "reward":
+        model.score.to(torch.float32)  # the head is always trained: full precision, as LoRA weights are
     model.config.use_cache = False
     return model
+
+
+def _quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """A reward model's new head is reported as "newly initialized"; that is the point of it."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _device_index() -> Any:

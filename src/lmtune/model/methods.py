@@ -13,12 +13,15 @@ ATTENTION_WORDS = ("attn", "attention")
 MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
 
+REWARD_HEADS = ("score", "classifier")  # scalar heads: trained whole, never given adapters
+
+
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every linear layer but the output head, by full name (quantised linears included)."""
     head = model.get_output_embeddings()
     out = {}
     for name, module in model.named_modules():
-        if module is head:
+        if module is head or name.rsplit(".", 1)[-1] in REWARD_HEADS:
             continue
         kind = type(module).__name__
         if isinstance(module, torch.nn.Linear) or kind in ("Linear4bit", "Linear8bitLt"):
@@ -101,13 +104,18 @@ def apply_lora(model: torch.nn.Module, config: Config) -> Any:
         lora_dropout=f.lora_dropout,
         target_modules=lora_targets(model, f.lora_target),
         modules_to_save=f.lora_modules_to_save or None,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS makes peft train the reward head whole and save it beside the adapter.
+        task_type="SEQ_CLS" if _has_reward_head(model) else "CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     from .lora_forward import use_lean_lora
 
     use_lean_lora(model)  # peft's mathematics with less activation memory and fewer passes (see lora_forward)
     return model
+
+
+def _has_reward_head(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "score", None), torch.nn.Linear)
 
 
 def apply_method(model: torch.nn.Module, config: Config) -> Any:
@@ -123,6 +131,8 @@ def apply_method(model: torch.nn.Module, config: Config) -> Any:
             p.requires_grad_(True)
     elif method == "freeze":
         apply_freeze(model, config)
+        if _has_reward_head(model):
+            model.score.requires_grad_(True)
     else:
         model = apply_lora(model, config)
     if config.training.gradient_checkpointing and method != "full":

@@ -1,7 +1,7 @@
 """Training stages: each says how examples become batches and what loss they give.
 
-The stages the loop runs today are pt and sft; rm, dpo and ppo are refused
-with a clear error until they land.
+The loop runs pt and sft (causal_lm), rm (reward) and dpo (preference); ppo
+is refused with a clear error until it lands.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ def stage_for(config: Config) -> Any:
         from .causal_lm import CausalLM
 
         return CausalLM()
+    if stage == "rm":
+        from .reward import RewardModel
+
+        return RewardModel()
+    if stage == "dpo":
+        from .preference import Preference
+
+        return Preference(config)
     raise StageNotAvailable(
-        f"stage: {stage} is not available in this version of lmtune yet; pt and sft train today"
+        f"stage: {stage} is not available in this version of lmtune yet; pt, sft, rm and dpo train today"
     )

@@ -13,6 +13,8 @@ from ..engine.loss import summed_token_loss, trained_tokens
 
 class CausalLM:
     packs = True  # its batches can be laid out padding-free
+    head = "lm"
+    unit = "tokens"  # what `count` counts, and what the loss is averaged over
 
     def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False) -> Batches:
         """Micro batches laid out as one padding-free row each (packing), or padded to their longest example."""
@@ -27,8 +29,8 @@ class CausalLM:
             seed=t.seed,
         )
 
-    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return summed_token_loss(model, batch)
+    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return summed_token_loss(model, batch), {}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return trained_tokens(batch["labels"])
