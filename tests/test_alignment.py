@@ -16,11 +16,11 @@ WORDS = ["red", "blue", "green", "black", "white", "small", "large", "fast"]
 
 
 def preference_rows(n, seed=0):
-    """The chosen answer holds the requested word; the rejected one holds another."""
+    """The chosen answer ends with the requested word ("thanks"); the rejected one with another word."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        wanted, other = rng.sample(WORDS, 2)
+        wanted, other = "thanks", rng.choice(WORDS)
         filler = " ".join(rng.choice(["the", "a", "one", "it", "is"]) for _ in range(rng.randint(1, 3)))
         rows.append({
             "prompt": f"Say {wanted}.",
@@ -41,6 +41,8 @@ def run_config(tmp_path, stage, method, rows=None, **settings):
         "output_dir": str(tmp_path / f"{stage}-{method}"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False,
     }
     values.update(settings)
+    if values["validation_split_ratio"] == 0.0:
+        values["eval_strategy"] = "no"
     resolved = resolve(data=values)
     assert not resolved.errors, resolved.errors
     return resolved.config

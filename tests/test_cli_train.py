@@ -36,7 +36,7 @@ def bad_train_config(tmp_path, **settings):
 @pytest.mark.parametrize(
     "settings,message",
     [
-        ({"stage": "dpo"}, "stage: dpo is not available in this version"),
+        ({"stage": "ppo", "reward_model": "runs/rm"}, "stage: ppo is not available in this version"),
         ({"stage": "pt"}, "stage pt cannot learn from chat rows"),
         ({"stage": "ppo", "reward_model": "x"}, "stage: ppo is not available in this version"),
         ({"learning_rate": 0}, "learning_rate: must be above 0"),
