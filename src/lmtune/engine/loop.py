@@ -389,7 +389,7 @@ def train(
                     **{name: value / max(window_tokens, 1) for name, value in window_metrics.items()},
                 }
                 log.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", **{"tok_s" if stage.unit == "tokens" else f"{stage.unit}_s": f"{record[f'{stage.unit}_per_second']:.0f}"})
+                bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{record['lr']:.2e}", f"{stage.unit}/s": f"{record[f'{stage.unit}_per_second']:.0f}"})
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
                 window_metrics = {}
             if eval_steps and state.global_step % eval_steps == 0 and run_eval():

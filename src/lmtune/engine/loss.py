@@ -18,9 +18,9 @@ from ..model.last_block import feed_forward_only_at
 CHUNK = 1024
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -41,28 +41,32 @@ def rows_read(keep: torch.Tensor) -> torch.Tensor | None:
     return F.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
 
 
-def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy of each trained position, the trained-position mask over labels[:, 1:])."""
+    targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not _uses_plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        return F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+        return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, rows_read(keep)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     hidden, targets = hidden[keep], targets[keep]
     head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    parts = []
     for start in range(0, hidden.shape[0], CHUNK):
         part, goal = hidden[start : start + CHUNK], targets[start : start + CHUNK]
         if torch.is_grad_enabled() and part.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, part, goal, use_reentrant=False)
+            parts.append(checkpoint(_chunk_losses, head, part, goal, use_reentrant=False))
         else:
-            total = total + _chunk_loss(head, part, goal)
-    return total
+            parts.append(_chunk_losses(head, part, goal))
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), keep
+
+
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
+    return token_losses(model, batch)[0].sum()
 
 
 def _sequence_of_positions(batch: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -78,40 +82,12 @@ def sequences_in(batch: dict[str, torch.Tensor]) -> int:
     return len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else batch["input_ids"].shape[0]
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return -F.cross_entropy(logits, targets, reduction="none")
-
-
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each sequence's trained tokens, how many there are), one entry per sequence.
-
-    The output head runs on trained positions only, in checkpointed chunks, as in summed_token_loss.
-    """
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    sequence = _sequence_of_positions(batch, labels.shape)[:, 1:][keep]
+    """(summed log-probability of each sequence's trained tokens, how many there are), one entry per sequence."""
+    losses, keep = token_losses(model, batch)
+    sequence = _sequence_of_positions(batch, batch["labels"].shape)[:, 1:][keep]
     count = sequences_in(batch)
-    inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
-    if not _uses_plain_head(model):
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        token_logps = -F.cross_entropy(logits[keep], targets[keep], reduction="none")
-    else:
-        decoder = model.get_decoder()
-        with feed_forward_only_at(decoder, rows_read(keep)):
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]
-        head = model.get_output_embeddings()
-        goals = targets[keep]
-        parts = []
-        for start in range(0, hidden.shape[0], CHUNK):
-            part, goal = hidden[start : start + CHUNK], goals[start : start + CHUNK]
-            if torch.is_grad_enabled() and part.requires_grad:
-                parts.append(checkpoint(_chunk_logps, head, part, goal, use_reentrant=False))
-            else:
-                parts.append(_chunk_logps(head, part, goal))
-        token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    sums = token_logps.new_zeros(count).index_add(0, sequence, token_logps)
+    sums = losses.new_zeros(count).index_add(0, sequence, -losses)
     tokens = torch.zeros(count, dtype=torch.long, device=sequence.device).index_add(0, sequence, torch.ones_like(sequence))
     return sums, tokens
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..config.schema import Config
 from ..data.batches import Batches
 from ..engine.loss import sequence_logps
+from .pairs import PairStage
 
 REFERENCE_FREE = ("orpo", "simpo")
 
@@ -98,11 +99,7 @@ def _unwrapped(model: Any) -> Any:
     return getattr(model, "module", model)  # DDP
 
 
-class Preference:
-    packs = True
-    head = "lm"
-    unit = "pairs"  # the loss is averaged over preference pairs
-
+class Preference(PairStage):
     def __init__(self, config: Config):
         f = config.finetuning
         self.kind, self.beta = f.pref_loss, f.pref_beta
@@ -110,11 +107,6 @@ class Preference:
         self.method = f.method
         self.precompute = f.precompute_ref_logps and f.method in ("full", "freeze")
         self.reference_model: Optional[torch.nn.Module] = None
-
-    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False) -> Batches:
-        t = config.training
-        size = config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size
-        return Batches(examples, size, tokenizer.pad_token_id, packing=packing, shuffle=shuffle, seed=t.seed)
 
     def prepare(self, model: Any, batch_sets: list[Batches]) -> None:
         """Before training: keep the reference policy (unless reference-free or an adapter can be switched off)."""
@@ -162,7 +154,4 @@ class Preference:
             "reward_accuracy": (chosen > rejected).float().sum(),
         }
         return loss.sum(), metrics
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["pairs"])
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config.schema import Config
-from ..data.batches import Batches, attention_inputs
+from ..data.batches import attention_inputs
 from ..engine.loss import last_token_rows
 from ..model.last_block import feed_forward_only_at
+from .pairs import PairStage
 
 
 def reward_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -40,15 +40,8 @@ def rewards(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return head(last.to(weight.dtype)).squeeze(-1).float()
 
 
-class RewardModel:
-    packs = True
+class RewardModel(PairStage):
     head = "reward"
-    unit = "pairs"  # the loss is averaged over preference pairs
-
-    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False) -> Batches:
-        t = config.training
-        size = config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size
-        return Batches(examples, size, tokenizer.pad_token_id, packing=packing, shuffle=shuffle, seed=t.seed)
 
     def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = rewards(model, batch)
@@ -61,6 +54,3 @@ class RewardModel:
             "reward_margin": (chosen - rejected).sum().detach(),
         }
         return loss.sum(), metrics
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["pairs"])
