@@ -404,3 +404,4 @@ def test_lean_mlp_gives_the_same_numbers_and_keeps_less(tmp_path):
     assert torch.equal(plain[0], lean[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], lean[1]))
     assert lean[2] < plain[2]
+
