@@ -36,9 +36,9 @@ def bad_train_config(tmp_path, **settings):
 @pytest.mark.parametrize(
     "settings,message",
     [
-        ({"stage": "ppo", "reward_model": "runs/rm"}, "stage: ppo is not available in this version"),
+        ({"stage": "ppo", "reward_model": "./runs/rm"}, "reward_model: ./runs/rm does not exist"),
         ({"stage": "pt"}, "stage pt cannot learn from chat rows"),
-        ({"stage": "ppo", "reward_model": "x"}, "stage: ppo is not available in this version"),
+        ({"stage": "ppo", "reward_function": "nofile.py:f"}, "reward_function: the file nofile.py does not exist"),
         ({"learning_rate": 0}, "learning_rate: must be above 0"),
         ({"max_input_length": 99999}, "longer than the model's context"),
         ({"base_model": "./no/such/model"}, "base_model: ./no/such/model: no such folder"),

@@ -176,6 +176,41 @@ def run_length(r: "Resolved") -> list[Problem]:
     return out
 
 
+def _ppo_reward(r: "Resolved") -> list[Problem]:
+    """Exactly one reward source, and one that exists."""
+    c = r.config.finetuning
+    if not c.reward_model and not c.reward_function:
+        fix = "train a reward model with stage: rm and set reward_model to its folder, or set reward_function: file.py:name"
+        return [Problem("error", "reward_model", f"stage ppo needs a reward: {fix}")]
+    if c.reward_model and c.reward_function:
+        return [Problem("error", "reward_model, reward_function", "stage ppo takes one reward source; remove one of the two")]
+    base = Path(r.path).resolve().parent if r.path else None
+    if c.reward_function:
+        from ..stages.ppo.reward_spec import RewardSpecError, check_reward_function
+
+        try:
+            check_reward_function(c.reward_function, base)
+        except RewardSpecError as error:
+            return [Problem("error", "reward_function", str(error).removeprefix("reward_function: "))]
+        return []
+    location = Path(c.reward_model).expanduser()
+    if not location.is_absolute() and base is not None and (base / location).exists():
+        location = base / location
+    if not location.exists():
+        if c.reward_model.startswith((".", "/", "~")):
+            return [Problem("error", "reward_model", f"{c.reward_model} does not exist; give an rm run's output_dir")]
+        if c.reward_model.count("/") > 1:  # not a hub id either; it may exist where training runs
+            return [Problem("warning", "reward_model", f"{c.reward_model} does not exist here; training needs it")]
+    meta = location / "final" / "lmtune.json" if (location / "final").is_dir() else location / "lmtune.json"
+    if meta.exists():
+        import json
+
+        stage = json.loads(meta.read_text()).get("stage")
+        if stage != "rm":
+            return [Problem("error", "reward_model", f"{c.reward_model} was trained with stage: {stage}; a reward model is an rm run")]
+    return []
+
+
 @rule
 def stage_needs(r: "Resolved") -> list[Problem]:
     c, d = r.config.finetuning, r.config.data
@@ -189,12 +224,12 @@ def stage_needs(r: "Resolved") -> list[Problem]:
                 "use dataset_format: preference (prompt, chosen, rejected)",
             )
         )
-    if c.stage == "ppo" and not c.reward_model:
-        out.append(
-            Problem("error", "reward_model", "stage ppo needs a reward model; train one with stage: rm and name its folder")
-        )
-    if c.stage == "ppo" and d.dataset_format in ("text", "preference"):
-        out.append(Problem("error", "dataset_format", f"stage ppo needs prompts, not {d.dataset_format} rows"))
+    if c.stage == "ppo":
+        out += _ppo_reward(r)
+    if c.stage == "ppo" and r.config.generation.top_p < 1.0:
+        out.append(Problem("warning", "top_p", "ppo samples rollouts from the whole distribution; below 1 the KL estimate and ratios are biased"))
+    if c.stage == "ppo" and d.dataset_format == "text":
+        out.append(Problem("error", "dataset_format", "stage ppo needs prompts (prompt, instruction, chat or preference rows), not raw text"))
     if c.stage == "sft" and d.dataset_format == "text":
         out.append(
             Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")
@@ -203,6 +238,11 @@ def stage_needs(r: "Resolved") -> list[Problem]:
         out.append(Problem("error", "packing", "packing applies to pt, sft, rm and dpo, not ppo's rollouts; set packing: false"))
     if c.reward_model and c.stage != "ppo":
         out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
+    if c.reward_function and c.stage != "ppo":
+        out.append(Problem("warning", "reward_function", f"ignored with stage: {c.stage}; it is used by ppo"))
+    ppo_only = _set_keys(r, tuple(k for k in type(c).model_fields if k.startswith("ppo_")))
+    if ppo_only and c.stage != "ppo":
+        out.append(Problem("warning", ", ".join(ppo_only), f"ignored with stage: {c.stage}; they apply to ppo"))
     if c.stage == "dpo" and c.precompute_ref_logps and c.method in ("lora", "qlora"):
         out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
     if c.stage == "dpo" and c.pref_loss != "simpo" and r.was_set("simpo_gamma"):

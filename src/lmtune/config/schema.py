@@ -286,9 +286,44 @@ class FinetuningArgs(Group):
     )
     ppo_target_kl: Optional[float] = setting(
         None,
-        "With `ppo`: stop a phase early when the KL to the rollout policy passes this.",
+        "With `ppo`: make `ppo_kl_coef` adaptive, steering the KL to the reference "
+        "towards this value per answer (raised when the KL is above, lowered below).",
         gt=0.0,
         llamafactory=("ppo_target",),
+    )
+    reward_function: Optional[str] = setting(
+        None,
+        "With `ppo`: a rule-based reward instead of `reward_model`: `path/to/file.py:name`, "
+        "a function called with the prompts and the answers (lists of strings) that returns one float per answer.",
+    )
+    ppo_gamma: float = setting(
+        1.0,
+        "With `ppo`: discount of later rewards in the advantage estimate.",
+        gt=0.0,
+        le=1.0,
+    )
+    ppo_lam: float = setting(
+        0.95,
+        "With `ppo`: GAE lambda; how far the advantage estimate looks ahead before trusting the value head.",
+        more="Less bias, more variance.",
+        less="More reliance on the value head; less variance.",
+        ge=0.0,
+        le=1.0,
+    )
+    ppo_value_clip: float = setting(
+        0.2,
+        "With `ppo`: how far one update may move the value head's estimates from the rollout's.",
+        gt=0.0,
+    )
+    ppo_value_coef: float = setting(
+        0.1,
+        "With `ppo`: weight of the value head's loss beside the policy's.",
+        ge=0.0,
+    )
+    ppo_score_norm: bool = setting(
+        False,
+        "With `ppo`: normalise rewards by the running mean and standard deviation of all rewards seen.",
+        llamafactory=("ppo_score_norm",),
     )
 
     _lists = field_validator(

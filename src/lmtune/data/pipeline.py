@@ -39,7 +39,7 @@ STAGE_KINDS = {
     "sft": {"chat", "completion"},
     "rm": {"preference"},
     "dpo": {"preference"},
-    "ppo": {"prompt", "chat"},
+    "ppo": {"prompt", "chat", "preference"},  # a preference row's prompt side
 }
 
 
@@ -179,7 +179,7 @@ def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[lis
             f"stage {stage} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
             f"{' or '.join(sorted(STAGE_KINDS[stage]))} data (check dataset_format and stage)"
         )
-    if stage == "ppo":  # ppo prompts: a chat's last answer is what the policy must write
+    if stage == "ppo":  # ppo prompts: a chat's last answer, or a pair's answers, are what the policy must write
         train = [_as_prompt(r) for r in train]
         val = [_as_prompt(r) for r in val]
     return train, val, summary
@@ -203,6 +203,8 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
 def _as_prompt(record: dict[str, Any]) -> dict[str, Any]:
     if record["kind"] == "prompt":
         return record
+    if record["kind"] == "preference":
+        return {"kind": "prompt", "messages": record["messages"]}
     messages = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
     return {"kind": "prompt", "messages": messages}
 

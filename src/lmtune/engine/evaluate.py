@@ -12,7 +12,8 @@ from ..model.methods import apply_method
 from ..model.packed_attention import switch_to_packed
 from ..stages import stage_for
 from . import checkpoint
-from .loop import TrainingError, evaluate, make_accelerator
+from .loop import evaluate
+from .run import TrainingError, make_accelerator
 
 
 def load_trained(config: Config, where: Path) -> Any:

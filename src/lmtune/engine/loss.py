@@ -27,7 +27,7 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def _uses_plain_head(model: torch.nn.Module) -> bool:
+def uses_plain_head(model: torch.nn.Module) -> bool:
     """Models that scale or cap their logits need their own forward."""
     config = model.config
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
@@ -46,7 +46,7 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
-    if not _uses_plain_head(model):
+    if not uses_plain_head(model):
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
     decoder = model.get_decoder()

@@ -1,7 +1,8 @@
 """Training stages: each says how examples become batches and what loss they give.
 
-The loop runs pt and sft (causal_lm), rm (reward) and dpo (preference); ppo
-is refused with a clear error until it lands.
+The shared loop (engine/loop.py) runs pt and sft (causal_lm), rm (reward) and
+dpo (preference). ppo alternates rollouts with updates, so it has its own
+recipe in ppo/, built from the same engine parts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ..errors import UserError
 
 
 class StageNotAvailable(UserError, ValueError):
-    """A stage the schema knows that this version cannot train yet."""
+    """A stage that has no fixed-dataset loss (ppo learns from its own rollouts)."""
 
 
 def stage_for(config: Config) -> Any:
@@ -31,5 +32,6 @@ def stage_for(config: Config) -> Any:
 
         return Preference(config)
     raise StageNotAvailable(
-        f"stage: {stage} is not available in this version of lmtune yet; pt, sft, rm and dpo train today"
+        f"stage: {stage} has no loss on fixed data to evaluate; its runs log eval_reward_mean "
+        "(fresh answers to the validation prompts) in metrics.jsonl"
     )

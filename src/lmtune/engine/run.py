@@ -1,0 +1,324 @@
+"""What every training recipe does around its own steps.
+
+A recipe (engine/loop.py for pt, sft, rm and dpo; stages/ppo/train.py for ppo)
+opens a `Run`, builds its data and model, and then calls these parts in order:
+`prepare` (optimizer, schedule, devices), `resume_or_start`, `optimizer_step`
+once per update, `save_checkpoint`, and `finish` (final model, plot, summary).
+The run folder, start-up timing, the divergence check, checkpoints and the
+outputs are therefore the same for every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..config.schema import Config
+from ..errors import UserError
+from . import checkpoint
+from .optim import build_optimizer, build_scheduler, warmup_steps
+from .report import MetricsLog, plot_loss, read_metrics
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class LoopState:
+    """The loop's position and history, saved in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro batches of this epoch already trained
+    best_metric: Optional[float] = None
+    best_checkpoint: Optional[str] = None
+    evals_without_gain: int = 0
+    trained_tokens: int = 0
+    real_tokens: int = 0  # non-padding positions computed (prompts included)
+    stopped_early: bool = False
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    train_loss: Optional[float]
+    eval_loss: Optional[float]
+    best_checkpoint: Optional[str]
+    seconds: float
+    tokens_per_second: float
+    notes: list[str]
+    startup: dict[str, float]  # seconds of each phase from train() to the end of the first step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_accelerator(config: Config) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # One process may run several trainings (tests, eval after train): each sets its own precision.
+    # The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    precision = config.precision.precision
+    cuda = torch.cuda.is_available()
+    if precision == "fp16" and not cuda:
+        raise TrainingError("precision: fp16 needs a CUDA GPU (loss scaling); on CPU use bf16 or fp32")
+    if config.precision.tf32 and cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if config.distributed.enable_fsdp:
+        raise TrainingError(
+            "enable_fsdp: FSDP sharding is not in this version yet; train on one device, "
+            "or launch several processes with `accelerate launch` / `torchrun` for data parallelism"
+        )
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.distributed.ddp_timeout))
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[timeout])
+
+
+def _quiet_libraries(config: Config) -> None:
+    # peft calls a transformers method that transformers itself marks deprecated; nothing for our users to do.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+    level = config.sagemaker.sagemaker_container_log_level
+    if level is not None:  # a SageMaker job's logging level applies to the libraries' loggers too
+        import logging
+
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger().setLevel(level)
+        hf_logging.set_verbosity(level)
+
+
+class Run:
+    """One training run's folder, devices, log, optimizer and checkpoints; the recipe owns the steps."""
+
+    def __init__(self, config: Config, resume: Optional[str] = None, quiet: bool = False, state: Any = None):
+        self.config, self.quiet = config, quiet
+        self.started = self._phase_start = time.perf_counter()
+        self.startup: dict[str, float] = {}
+        self.notes: list[str] = []
+        _quiet_libraries(config)
+        seed_everything(config.training.seed)
+        self.accelerator = make_accelerator(config)
+        self.main = self.accelerator.is_main_process
+        self.dir = Path(config.output.output_dir)
+        self.checkpoints = self.dir / "checkpoints"
+        self.resume_from = resume or config.output.resume_from_checkpoint
+        self.state = state if state is not None else LoopState()
+        self.log: Optional[MetricsLog] = None
+        self.bar: Any = None
+        self._open_folder()
+
+    # -- the folder, messages and timing --------------------------------------
+
+    def _open_folder(self) -> None:
+        o = self.config.output
+        if self.resume_from is None and (self.dir / "metrics.jsonl").exists() and not o.overwrite_output_dir:
+            raise TrainingError(
+                f"output_dir: {self.dir} already holds a run; pass --resume to continue it, "
+                "set overwrite_output_dir: true to start over, or choose another folder"
+            )
+        if not self.main:
+            return
+        if self.resume_from is None and self.dir.exists() and o.overwrite_output_dir:
+            # Starting over: nothing of the old run may be mistaken for this one's (a later --resume included).
+            for stale in ("metrics.jsonl", "summary.json"):
+                (self.dir / stale).unlink(missing_ok=True)
+            for stale in ("checkpoints", "final", "plots", "tensorboard"):
+                shutil.rmtree(self.dir / stale, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (self.dir / "config.resolved.yaml").write_text(yaml.safe_dump(self.config.flat(), sort_keys=False))
+
+    def say(self, line: str) -> None:
+        if not self.quiet and self.main:
+            print(line)
+
+    def note(self, text: str, key: str = "note") -> None:
+        """Something the user should know about this run: printed now and kept in summary.json."""
+        self.notes.append(text)
+        self.say(f"note: {key}: {text}" if key != "note" else f"note: {text}")
+
+    def progress(self, total: int, unit: str = "step", desc: str = "training") -> Any:
+        """The progress bar, from the step the run resumes at."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=self.state.global_step, desc=desc, unit=unit, disable=self.quiet or not self.main)
+        return self.bar
+
+    def phase(self, name: str) -> None:
+        """Close a start-up phase (setup, tokenizer, data, ...): its seconds go to summary.json."""
+        now = time.perf_counter()
+        self.startup[name] = round(now - self._phase_start, 4)
+        self._phase_start = now
+
+    # -- optimisation ---------------------------------------------------------
+
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
+        """The optimizer and schedule for `total_steps` updates, and the model placed on its device(s)."""
+        t = self.config.training
+        warm = warmup_steps(t, total_steps)
+        if warm > total_steps:
+            self.notes.append(f"warmup ({warm} steps) is longer than the run ({total_steps} steps): the learning rate never peaks")
+            self.say(f"warning: warmup_steps: {self.notes[-1]}")
+        self.optimizer = build_optimizer(model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, total_steps)
+        model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.model = model
+        return model
+
+    def optimizer_step(self, summed_loss: torch.Tensor, count: int, metrics: list[torch.Tensor] = ()) -> tuple[float, float, list[float]]:
+        """Clip, check for divergence, step. `summed_loss` is this update's loss summed over its `count`
+        units; returns (that sum, the gradient norm before clipping, the metrics), as floats."""
+        t, model, accelerator = self.config.training, self.model, self.accelerator
+        if t.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = torch.as_tensor(grad_norm, device=summed_loss.device)
+        # One device-to-host transfer per optimizer step, for the divergence check and the log.
+        summed, norm, *values = torch.stack([summed_loss.double(), grad_norm.double(), *(m.double() for m in metrics)]).tolist()
+        loss = summed / max(count, 1)
+        # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
+        # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
+        scaled = accelerator.scaler is not None
+        if not math.isfinite(loss) or (not scaled and not math.isfinite(norm)):
+            if self.bar is not None:
+                self.bar.close()
+            if self.log is not None:
+                self.log.close()
+            raise TrainingError(diverged_message(self.config, loss, self.state.global_step + 1, self.checkpoints))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return summed, norm, values
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def resume_or_start(self) -> None:
+        """Load the checkpoint to resume from (weights, optimizer, schedule, RNG, loop state), or start a fresh log."""
+        if self.resume_from:
+            path = checkpoint.latest(self.checkpoints) if self.resume_from == "latest" else Path(self.resume_from)
+            if path is None or not (path / "state.json").exists():
+                shown = self.resume_from if path is None else path
+                raise TrainingError(f"resume_from_checkpoint: no complete checkpoint at {shown}")
+            saved = checkpoint.load(
+                path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, scaler=self.accelerator.scaler
+            )
+            self.state = type(self.state)(**saved)
+            if self.main:  # what the interrupted run logged after this checkpoint is logged again now
+                kept = [r for r in read_metrics(self.dir / "metrics.jsonl") if r["step"] <= self.state.global_step]
+                (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.say(f"resumed from {path} at step {self.state.global_step}")
+        elif self.main:
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        self.log = MetricsLog(self.dir, "tensorboard" in self.config.output.report_to, enabled=self.main)
+        if self.log.note:
+            self.notes.append(self.log.note)
+
+    def save_checkpoint(self) -> Path:
+        self.accelerator.wait_for_everyone()
+        path = self.checkpoints / f"{checkpoint.PREFIX}{self.state.global_step}"
+        if self.main:
+            path = checkpoint.save(
+                self.checkpoints,
+                self.state.global_step,
+                self.accelerator.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                dict(self.state.__dict__),
+                scaler=self.accelerator.scaler,
+            )
+            checkpoint.prune(self.checkpoints, self.config.output.save_total_limit, protect=getattr(self.state, "best_checkpoint", None))
+        return path
+
+    # -- the end ----------------------------------------------------------------
+
+    def finish(self, save: Any, train_loss: Optional[float], eval_loss: Optional[float], counted: int) -> RunResult:
+        """Write final/ (by `save(folder)` on the main process), close the log, draw the curve, write summary.json.
+        `counted` is what the stage counts (trained tokens, pairs) over the whole run."""
+        final_dir = self.dir / "final"
+        if self.bar is not None:
+            self.bar.close()
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            save(final_dir)
+        if self.log is not None:
+            self.log.close()
+        if self.main and self.config.output.plot_loss:
+            note = plot_loss(self.dir / "metrics.jsonl", self.dir / "plots" / "loss.png")
+            if note:
+                self.notes.append(note)
+        seconds = time.perf_counter() - self.started
+        result = RunResult(
+            run_dir=self.dir,
+            final_dir=final_dir,
+            steps=self.state.global_step,
+            train_loss=train_loss,
+            eval_loss=eval_loss,
+            best_checkpoint=getattr(self.state, "best_checkpoint", None),
+            seconds=seconds,
+            tokens_per_second=counted / max(seconds, 1e-9),
+            startup=self.startup,
+            notes=self.notes,
+        )
+        if self.main:
+            (self.dir / "summary.json").write_text(
+                json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2)
+            )
+        return result
+
+
+def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) -> str:
+    good = checkpoint.latest(checkpoints)
+    if config.precision.precision == "fp16":
+        cause = "fp16 overflow is likely: use bf16, or lower learning_rate"
+    else:
+        cause = f"learning_rate {config.training.learning_rate:g} is likely too high, or a data row is broken"
+    kept = f"The last good checkpoint is {good}." if good else "No checkpoint was saved before it."
+    return f"loss became {loss} at step {step}: {cause}. {kept}"
+
+
+def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path) -> None:
+    """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it."""
+    final_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "num_labels", None) == 1 and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a reward model: transformers finds the last token by it
+    model.save_pretrained(final_dir, safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
+    meta = {
+        "base_model": config.model.base_model,
+        "method": config.finetuning.method,
+        "stage": config.finetuning.stage,
+        "template": config.data.template,
+        "train_on_inputs": config.data.train_on_inputs,
+        "add_input_output_demarcation_key": config.data.add_input_output_demarcation_key,
+    }
+    (final_dir / "lmtune.json").write_text(json.dumps(meta, indent=2))
