@@ -111,11 +111,31 @@ def final_eval(result, key):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_reward_model_learns_the_visible_preference(tmp_path, method):
+def test_reward_model_learns_the_visible_preference(tmp_path, method, capsys):
+    from lmtune.cli import main
+
     result = train(run_config(tmp_path, "rm", method), quiet=True)
     assert final_eval(result, "eval_pair_accuracy") >= 0.9
     records = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "pair_accuracy" in r]
     assert records and "reward_margin" in records[0] and "pairs_per_second" in records[0]
+    # `lmtune score` reads the run the same way: fresh pairs, rendered with the run's template
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(40, seed=7)))
+    capsys.readouterr()
+    assert main(["score", str(result.run_dir), "--file", str(fresh)]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(scored) == 40 and sum(r["chosen_wins"] for r in scored) >= 36
+    assert main(["score", str(result.run_dir), "--prompt", "Say thanks.", "--answer", "the thanks"]) == 0
+    high = float(capsys.readouterr().out)
+    assert main(["score", str(result.run_dir), "--prompt", "Say thanks.", "--answer", "the blue"]) == 0
+    assert high > float(capsys.readouterr().out)
+    assert main(["score", str(result.run_dir), "--text", "anything at all"]) == 0
+    float(capsys.readouterr().out)
+    assert main(["score", str(result.run_dir)]) == 1
+    assert "give one of --text" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    assert main(["score", str(result.run_dir), "--file", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl line 1: a row needs `text`" in capsys.readouterr().err
 
 
 def test_full_reward_model_loads_in_plain_transformers(tmp_path):
@@ -259,3 +279,35 @@ def test_packed_and_padded_pairs_give_the_same_loss(tmp_path, stage):
     packed = next(the_stage.batches(examples, config, tokenizer, shuffle=False, packing=True).epoch(0))
     loss_packed, _ = the_stage.summed_loss(model, packed)
     assert torch.allclose(loss_packed, loss_padded, rtol=1e-5), (float(loss_packed), float(loss_padded))
+
+
+@pytest.mark.parametrize("stage,method", [("rm", "lora"), ("rm", "full"), ("dpo", "lora"), ("dpo", "full")])
+def test_kill_and_resume_reproduce_the_uninterrupted_curve(tmp_path, stage, method):
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=8, save_steps=3, epochs=1, validation_split_ratio=0.0)
+    rows = preference_rows(64)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = train(run_config(tmp_path / "a", stage, method, rows=rows, **settings), quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(state):
+        if state.global_step == 7:
+            raise Killed
+
+    config = run_config(tmp_path / "b", stage, method, rows=rows, **settings)
+    with pytest.raises(Killed):
+        train(config, quiet=True, on_step=kill_at_7)
+    resumed = train(config, resume="latest", quiet=True)
+
+    def curve(run):
+        keys = ("step", "loss", "pair_accuracy" if stage == "rm" else "reward_margin")
+        return [tuple(r[k] for k in keys) for r in read_metrics(run.run_dir / "metrics.jsonl")]
+
+    assert curve(straight) == curve(resumed) and len(curve(straight)) == 8
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    a, b = load_file(straight.final_dir / name), load_file(resumed.final_dir / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

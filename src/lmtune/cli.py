@@ -256,6 +256,33 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("score")
+def run_score(args: argparse.Namespace) -> int:
+    if sum(x is not None for x in (args.text, args.prompt, args.file)) != 1:
+        print("error: score: give one of --text, --prompt (with --answer) or --file", file=sys.stderr)
+        return 1
+    if args.prompt is not None and args.answer is None:
+        print("error: score: --prompt needs --answer (the answer whose reward you want)", file=sys.stderr)
+        return 1
+    if args.file is not None and not Path(args.file).is_file():
+        print(f"error: score: {args.file}: no such file", file=sys.stderr)
+        return 1
+    if not Path(args.run).exists():
+        print(f"error: {args.run}: no such run folder", file=sys.stderr)
+        return 1
+    _skip_bitsandbytes_for_inference(args)
+    from .score import load_reward_model, score_file, score_text
+
+    _quiet_transformers()
+    model, tokenizer, meta = load_reward_model(args.run)
+    if args.file is not None:
+        for result in score_file(model, tokenizer, meta, Path(args.file)):
+            print(json.dumps(result))
+        return 0
+    print(f"{score_text(model, tokenizer, meta, args.text, args.prompt, args.answer):.6f}")
+    return 0
+
+
 @command("export")
 def run_export(args: argparse.Namespace) -> int:
     _skip_bitsandbytes_for_inference(args)
@@ -335,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     with_overrides(p)
     p.add_argument("--checkpoint", required=True, help="a run folder, its final/ folder, or a checkpoint folder")
+
+    p = sub.add_parser("score", help="rewards from a trained reward model (an rm run)")
+    p.add_argument("run", help="an rm run folder (output_dir) or its final/ folder")
+    p.add_argument("--text", help="score this text as it is")
+    p.add_argument("--prompt", help="score --answer to this prompt, rendered with the run's template")
+    p.add_argument("--answer")
+    p.add_argument("--file", help="JSON lines: {text} or {prompt, answer} or {prompt, chosen, rejected}; one JSON result per line")
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base and save a standalone model")
     p.add_argument("run")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from ...data.batches import pad_batch
-from ..reward import rewards
 from .reward_spec import RewardSpecError, reward_function_parts
 
 
@@ -47,42 +44,25 @@ class ModelReward:
     """A reward model: an `rm` run's final/ (full model or PEFT adapter with its head) or a model folder."""
 
     def __init__(self, location: str, policy_tokenizer: Any, device: torch.device):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from ...generate import RunNotFound
+        from ...score import load_reward_model
 
-        from ...generate import final_dir
-        from ...model.load import model_location
-
-        folder = final_dir(location)
-        source = str(folder) if folder.exists() else location  # a hub id is the ordinary transformers path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise RewardSpecError(f"reward_model: {location} is neither a run folder nor a model that can be loaded ({error})") from None
+            model, tokenizer, _ = load_reward_model(location)
+        except RunNotFound as error:
+            raise RewardSpecError(f"reward_model: {error}") from None
         if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
             raise RewardSpecError(
                 f"reward_model: {location} uses a different vocabulary from base_model; "
                 "train the reward model from the same base (or a model with the same tokenizer)"
             )
-        if (folder / "adapter_config.json").exists():
-            from peft import PeftModel
-
-            meta = json.loads((folder / "lmtune.json").read_text()) if (folder / "lmtune.json").exists() else {}
-            base_name = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-            base = AutoModelForSequenceClassification.from_pretrained(model_location(base_name), num_labels=1, use_safetensors=True)
-            model = PeftModel.from_pretrained(base, folder)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
-        if model.config.num_labels != 1:
-            raise RewardSpecError(f"reward_model: {location} has {model.config.num_labels} outputs; a reward model has one (train it with stage: rm)")
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = model.to(device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.device = device
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str], answers: list[str], sequences: list[list[int]]) -> torch.Tensor:
-        batch = pad_batch([{"input_ids": ids, "labels": ids} for ids in sequences], self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        return rewards(self.model, batch).float().cpu()
+        from ...score import score_sequences
+
+        return torch.tensor(score_sequences(self.model, sequences, self.pad_id), dtype=torch.float32)
 
 
 def reward_source(config: Any, config_dir: Optional[Path], policy_tokenizer: Any, device: torch.device) -> Any:
