@@ -16,3 +16,20 @@ def test_example_checks_and_trains(path, tmp_path, capsys, monkeypatch):
     overrides = ["--set", f"output_dir={tmp_path / 'run'}", "--set", "max_steps=2", "--set", f"cache_dir={tmp_path / 'cache'}"]
     assert main(["train", str(path), *overrides]) == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "final" / "lmtune.json").exists()
+
+
+def test_alignment_chain_runs_offline(tmp_path):
+    """examples/align/chain.py: sft -> rm -> ppo (with the rm run as reward model) and sft -> dpo, two steps each."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "align"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "align" / "chain.py"), "--out", str(out), "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        meta = (out / stage / "final" / "lmtune.json").read_text()
+        assert f'"stage": "{stage}"' in meta
+    assert (out / "ppo" / "final" / "value_head.safetensors").exists()
