@@ -41,6 +41,7 @@ JOBS = {
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)  # lmtune's default dropout, given to peft too
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 1024
+SECTIONS_MARKER = "<!-- dpo.py writes below this line -->"  # RESULTS.md: run.py's table above, dpo.py's below
 
 
 # -- shared setup ---------------------------------------------------------------------------
@@ -470,8 +471,10 @@ def main() -> None:
     out_json.write_text(json.dumps(results, indent=2))
     table = markdown(results)
     print(table)
-    if not args.quick:
-        (HERE / "RESULTS.md").write_text(table)
+    if not args.quick:  # dpo.py's section, below the marker, stays
+        path = HERE / "RESULTS.md"
+        kept = path.read_text().split(SECTIONS_MARKER, 1)[1] if path.exists() and SECTIONS_MARKER in path.read_text() else ""
+        path.write_text(table + (f"\n{SECTIONS_MARKER}{kept}" if kept else ""))
 
 
 def markdown(results: dict) -> str:

@@ -161,3 +161,40 @@ def test_lean_norms_give_the_same_numbers_and_keep_less(kind):
     assert plain[1].keys() == lean[1].keys()
     assert all((plain[1][n] - lean[1][n]).abs().max() <= 1e-6 * plain[1][n].abs().max() for n in plain[1])
     assert lean[2] < plain[2]
+
+
+def preference_pairs():
+    """Prompts longer and shorter than the window, answers of one token and of many."""
+    generator = torch.Generator().manual_seed(3)
+    pairs = []
+    for prompt_length, chosen_length, rejected_length in ((30, 5, 9), (4, 12, 3), (20, 1, 25)):
+        prompt, chosen, rejected = (torch.randint(3, 128, (n,), generator=generator).tolist() for n in (prompt_length, chosen_length, rejected_length))
+        pairs.append({
+            "chosen_input_ids": prompt + chosen, "chosen_labels": [-100] * prompt_length + chosen,
+            "rejected_input_ids": prompt + rejected, "rejected_labels": [-100] * prompt_length + rejected,
+        })
+    return pairs
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_pairs_sharing_their_prompt_give_the_same_log_probabilities_and_gradients(kind):
+    from lmtune.data.batches import Batches
+    from lmtune.engine.loss import sequence_logps
+
+    model = build(kind, pad_token_id=0)
+    use_packed_attention(model)
+    pairs = preference_pairs()
+    results = []
+    for share in (False, True):
+        batch = Batches(pairs, len(pairs), 0, packing=True, shuffle=False, share_prompts=share).collate(pairs)
+        model.zero_grad()
+        sums, tokens = sequence_logps(model, batch)
+        sums.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((sums.detach(), tokens, grads, batch["input_ids"].numel()))
+    (plain, plain_tokens, plain_grads, plain_positions), (shared, shared_tokens, shared_grads, shared_positions) = results
+    assert torch.equal(plain_tokens, shared_tokens)
+    assert torch.allclose(plain, shared, rtol=1e-5, atol=1e-5), (kind, plain, shared)
+    for name, grad in plain_grads.items():
+        assert (shared_grads[name] - grad).abs().max() / (grad.abs().max() + 1e-12) < 1e-4, (kind, name)
+    assert shared_positions == plain_positions - (30 + 4 + 20)  # each prompt computed once

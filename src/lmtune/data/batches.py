@@ -75,6 +75,77 @@ def packed_batch(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[st
     }
 
 
+def _shared_prompt_length(pair: dict[str, Any]) -> int:
+    """Tokens the chosen and rejected sequences share at their start, untrained in both (the prompt), leaving
+    each at least one token of its own."""
+    chosen, rejected = pair["chosen_input_ids"], pair["rejected_input_ids"]
+    chosen_labels, rejected_labels = pair["chosen_labels"], pair["rejected_labels"]
+    limit = min(len(chosen), len(rejected)) - 1
+    length = 0
+    while (
+        length < limit
+        and chosen[length] == rejected[length]
+        and chosen_labels[length] == IGNORE
+        and rejected_labels[length] == IGNORE
+    ):
+        length += 1
+    return length
+
+
+def shared_prompt_batch(pairs: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Each pair as one padding-free segment: the prompt once, the chosen answer, then the rejected answer.
+
+    The rejected answer attends to the prompt and to itself, never to the chosen
+    answer, and its positions continue from the prompt, so both answers see what
+    they would see in their own sequences while the prompt is computed once.
+    Because a token is then not always predicted by the row before it, the
+    trained tokens are listed with the row that predicts each (`target_rows`)
+    and the sequence they belong to (every chosen answer first, then every
+    rejected one, as in unshared batches).
+    """
+    count = len(pairs)
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds, branches = [0], []
+    targets: list[int] = []
+    rows: list[int] = []
+    sequences: list[int] = []
+    sequence_tokens = 0
+    for index, pair in enumerate(pairs):
+        chosen, rejected = list(pair["chosen_input_ids"]), list(pair["rejected_input_ids"])
+        chosen_labels, rejected_labels = pair["chosen_labels"], pair["rejected_labels"]
+        shared = _shared_prompt_length(pair)
+        start = bounds[-1]
+        rejected_start = start + len(chosen)
+        ids += chosen + rejected[shared:]
+        positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
+        for i in range(1, len(chosen)):
+            if chosen_labels[i] != IGNORE:
+                targets.append(chosen[i])
+                rows.append(start + i - 1)
+                sequences.append(index)
+        for i in range(1, len(rejected)):
+            if rejected_labels[i] != IGNORE:
+                before = i - 1
+                targets.append(rejected[i])
+                rows.append(start + before if before < shared else rejected_start + before - shared)
+                sequences.append(count + index)
+        branches.append((shared, len(chosen)))  # within the segment: where the prompt ends, where the rejected answer starts
+        bounds.append(rejected_start + len(rejected) - shared)
+        sequence_tokens += len(chosen) + len(rejected)
+    as_row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
+    return {
+        "input_ids": as_row(ids),
+        "position_ids": as_row(positions),
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.long),
+        "prompt_branches": torch.tensor(branches, dtype=torch.long),
+        "target_ids": torch.tensor(targets, dtype=torch.long),
+        "target_rows": torch.tensor(rows, dtype=torch.long),
+        "target_sequences": torch.tensor(sequences, dtype=torch.long),
+        "sequence_tokens": torch.tensor(sequence_tokens),
+    }
+
+
 def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[str]) -> dict[str, Any]:
     """The keyword arguments a Hugging Face decoder takes for this batch."""
     if "cu_seq_lens" in batch:
@@ -83,7 +154,7 @@ def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[st
         return {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
-            **packed_kwargs(batch["cu_seq_lens"], implementation),
+            **packed_kwargs(batch["cu_seq_lens"], implementation, batch.get("prompt_branches")),
         }
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
@@ -107,8 +178,10 @@ class Batches:
         group_by_length: bool = False,
         shuffle: bool = True,
         seed: int = 0,
+        share_prompts: bool = False,
     ):
         self.examples = examples
+        self.share_prompts = share_prompts and packing  # pairs only: see shared_prompt_batch
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.packing = packing
@@ -155,8 +228,11 @@ class Batches:
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = "chosen_input_ids" in examples[0]
-        sequences = pair_sequences(examples) if pairs else examples
-        batch = packed_batch(sequences) if self.packing else pad_batch(sequences, self.pad_id)
+        if pairs and self.share_prompts:
+            batch = shared_prompt_batch(examples)
+        else:
+            sequences = pair_sequences(examples) if pairs else examples
+            batch = packed_batch(sequences) if self.packing else pad_batch(sequences, self.pad_id)
         if pairs:
             batch["pairs"] = torch.tensor(len(examples))
             if "margin" in examples[0]:

@@ -24,7 +24,7 @@ from ..data.batches import Batches
 from ..data.pipeline import prepare
 from ..model.load import context_length, load_model, load_model_config, load_tokenizer
 from ..model.methods import apply_method, parameter_counts
-from ..model.packed_attention import switch_to_packed
+from ..model.packed_attention import shares_prompts, switch_to_packed
 from ..stages import stage_for
 from .run import (  # noqa: F401  (TrainingError: the name tests and callers import from here)
     LoopState,
@@ -109,10 +109,15 @@ def train(
     packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
     if packing_note:
         run.note(packing_note, "packing")
-    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, packing=packing)
-    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing) if data.val else None
-    layout = "packed without padding" if packing else f"padding {train_batches.padding_fraction():.1%} of the positions"
-    run.say(f"data: training batches {layout}")
+    layout: dict[str, Any] = {"packing": packing}
+    if getattr(stage, "shares_prompts", False):
+        layout["share_prompts"] = packing and shares_prompts(model)
+    train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, **layout)
+    eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, **layout) if data.val else None
+    shown = "packed without padding" if packing else f"padding {train_batches.padding_fraction():.1%} of the positions"
+    if layout.get("share_prompts"):
+        shown += ", each pair's prompt computed once"
+    run.say(f"data: training batches {shown}")
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
     if trainable == 0:

@@ -52,7 +52,11 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, rows_read(keep)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    hidden, targets = hidden[keep], targets[keep]
+    return _head_losses(model, hidden[keep], targets[keep]), keep
+
+
+def _head_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the output head on (rows of final hidden states, their targets), a chunk at a time."""
     head = model.get_output_embeddings()
     parts = []
     for start in range(0, hidden.shape[0], CHUNK):
@@ -61,7 +65,21 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
             parts.append(checkpoint(_chunk_losses, head, part, goal, use_reentrant=False))
         else:
             parts.append(_chunk_losses(head, part, goal))
-    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), keep
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def listed_target_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of each listed target (`target_ids`) from the row that predicts it (`target_rows`):
+    batches where a token is not always predicted by the row before it (pairs sharing their prompt)."""
+    rows, targets = batch["target_rows"], batch["target_ids"]
+    inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
+    if not uses_plain_head(model):
+        logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size).index_select(0, rows)
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    decoder = model.get_decoder()
+    with feed_forward_only_at(decoder, torch.unique(rows)):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    return _head_losses(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), targets)
 
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,6 +102,11 @@ def sequences_in(batch: dict[str, torch.Tensor]) -> int:
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each sequence's trained tokens, how many there are), one entry per sequence."""
+    if "target_rows" in batch:
+        losses, sequence = listed_target_losses(model, batch), batch["target_sequences"]
+        count = 2 * len(batch["prompt_branches"])
+        sums = losses.new_zeros(count).index_add(0, sequence, -losses)
+        return sums, torch.bincount(sequence, minlength=count)
     losses, keep = token_losses(model, batch)
     sequence = _sequence_of_positions(batch, batch["labels"].shape)[:, 1:][keep]
     count = sequences_in(batch)

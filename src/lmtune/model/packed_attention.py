@@ -62,10 +62,11 @@ def packing_obstacle(config: Any) -> Optional[str]:
     return None
 
 
-def _window_mask(length: int, window: Optional[int], device: torch.device) -> torch.Tensor:
-    """True where query i may see key j: causal, and within the window when there is one."""
-    query = torch.arange(length, device=device)[:, None]
-    key = torch.arange(length, device=device)[None, :]
+def _window_mask(queries: int, keys: int, window: Optional[int], device: torch.device) -> torch.Tensor:
+    """True where query i may see key j: causal, and within the window when there is one. With fewer queries
+    than keys, the queries are the last positions (a rejected answer after its prompt)."""
+    query = torch.arange(keys - queries, keys, device=device)[:, None]
+    key = torch.arange(keys, device=device)[None, :]
     allowed = key <= query
     if window is not None:
         allowed &= key > query - window  # transformers' sliding_window_overlay
@@ -83,10 +84,10 @@ def _one_example(
     softcap: Optional[float],
     grouped: bool,
 ) -> torch.Tensor:
-    length = query.shape[2]
-    windowed = window is not None and length > window
+    queries, keys = query.shape[2], key.shape[2]
+    windowed = window is not None and keys > window
     if softcap is None:
-        mask = _window_mask(length, window, query.device) if windowed else None
+        mask = _window_mask(queries, keys, window, query.device) if (windowed or queries != keys) else None
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scaling, enable_gqa=grouped
         )
@@ -97,7 +98,7 @@ def _one_example(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~_window_mask(length, window if windowed else None, query.device), float("-inf"))
+    scores = scores.masked_fill(~_window_mask(queries, keys, window if windowed else None, query.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return torch.matmul(probs, value)
@@ -128,6 +129,7 @@ def _packed(
         sliding_window: Optional[int] = None,
         softcap: Optional[float] = None,
         packed_bounds: Optional[tuple[int, ...]] = None,
+        packed_branches: Optional[tuple[tuple[int, int], ...]] = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if packed_bounds is None:
@@ -142,10 +144,17 @@ def _packed(
         # split (not slicing) so the backward pass joins the pieces' gradients in one tensor, instead of
         # padding each piece's gradient out to the whole row with zeros and adding them up.
         lengths = [end - start for start, end in zip(packed_bounds[:-1], packed_bounds[1:])]
-        pieces = [
-            _one_example(q, k, v, scaling=scaling, dropout=dropout, window=sliding_window, softcap=softcap, grouped=grouped)
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
-        ]
+        options = dict(scaling=scaling, dropout=dropout, window=sliding_window, softcap=softcap, grouped=grouped)
+        pieces = []
+        for index, (q, k, v) in enumerate(zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))):
+            if packed_branches is None:
+                pieces.append(_one_example(q, k, v, **options))
+                continue
+            # prompt + chosen as one causal sequence; the rejected answer sees the prompt and itself.
+            prompt, split = packed_branches[index]
+            (q1, q2), (k1, k2), (v1, v2) = (t.split([split, t.shape[2] - split], 2) for t in (q, k, v))
+            pieces.append(_one_example(q1, k1, v1, **options))
+            pieces.append(_one_example(q2, torch.cat([k1[:, :, :prompt], k2], 2), torch.cat([v1[:, :, :prompt], v2], 2), **options))
         # (1, tokens, heads, dim), contiguous straight out of cat: no separate transpose copy.
         return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1), None
 
@@ -205,8 +214,13 @@ def use_packed_attention(model: Any) -> str:
     return name
 
 
-def packed_kwargs(bounds: torch.Tensor, implementation: Optional[str]) -> dict[str, Any]:
-    """Keyword arguments that tell the attention where each packed example starts."""
+def packed_kwargs(bounds: torch.Tensor, implementation: Optional[str], branches: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """Keyword arguments that tell the attention where each packed example starts (and, for preference pairs
+    sharing their prompt, where each prompt ends and each rejected answer starts)."""
+    if branches is not None:
+        if implementation not in (NAME, EAGER_NAME):
+            raise PackingNotExact(f"packing: pairs sharing their prompt need lmtune's packed attention, not {implementation}")
+        return {"packed_bounds": tuple(int(b) for b in bounds.tolist()), "packed_branches": tuple(map(tuple, branches.tolist()))}
     if implementation and implementation.startswith("flash_attention"):
         cu = bounds.to(torch.int32)
         longest = int((bounds[1:] - bounds[:-1]).max())
@@ -229,3 +243,9 @@ def switch_to_packed(model: Any, setting: Optional[bool]) -> tuple[bool, Optiona
             raise
         return False, f"{exc} (padded batches are used instead)".removeprefix("packing: ")
     return True, None
+
+
+def shares_prompts(model: Any) -> bool:
+    """Whether preference pairs may share their prompt in one packed segment: lmtune's own packed attention
+    computes the branch exactly (flash attention's varlen kernels take no such layout)."""
+    return getattr(model.config, "_attn_implementation", None) in (NAME, EAGER_NAME)

@@ -100,6 +100,8 @@ def _unwrapped(model: Any) -> Any:
 
 
 class Preference(PairStage):
+    shares_prompts = True  # packed pairs compute their prompt once (exact: see data.batches.shared_prompt_batch)
+
     def __init__(self, config: Config):
         f = config.finetuning
         self.kind, self.beta = f.pref_loss, f.pref_beta
