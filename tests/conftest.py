@@ -36,3 +36,20 @@ def fresh_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(autouse=True)
+def library_log_levels_stay_per_test():
+    """A run with `sagemaker_container_log_level` sets the libraries' log levels for its process (a SageMaker
+    job is one process); here many runs share one, so each test starts from the levels it found."""
+    import logging
+
+    root = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(root)
+    import sys
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()
