@@ -311,3 +311,21 @@ def test_kill_and_resume_reproduce_the_uninterrupted_curve(tmp_path, stage, meth
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     a, b = load_file(straight.final_dir / name), load_file(resumed.final_dir / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_reference_log_probabilities_live_with_the_data_cache(tmp_path):
+    settings = dict(precompute_ref_logps=True, max_steps=2, epochs=1, validation_split_ratio=0.0, overwrite_output_dir=True)
+    config = run_config(tmp_path, "dpo", "full", **settings)
+
+    def losses():
+        result = train(config, quiet=True)
+        return [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl")]
+
+    first = losses()
+    stored = list((tmp_path / "cache").rglob("ref_logps-*.json"))
+    assert len(stored) == 1
+    values = json.loads(stored[0].read_text())
+    assert len(values) == 1 and len(values[0]) == 160 and all(len(pair) == 2 for pair in values[0])
+    assert losses() == first  # read back: the same run
+    stored[0].write_text(json.dumps([[[0.0, 0.0]] * 160]))  # proof that the file is what training reads
+    assert losses() != first

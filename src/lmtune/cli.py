@@ -72,6 +72,10 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"  ({hidden} more settings at their defaults; --all shows them)")
     if data_line:
         print(data_line)
+    if ok:
+        plan_line = _plan_verdict(resolved.config, Path(args.config).resolve().parent)
+        if plan_line:
+            print(plan_line)
     _print_problems(resolved.problems)
     counts = {level: sum(p.level == level for p in resolved.problems) for level in ("error", "warning", "note")}
     summary = ", ".join(f"{n} {level}{'s' if n != 1 else ''}" for level, n in counts.items())
@@ -93,6 +97,52 @@ def _check_records(config, config_dir: Path):
         return "data: hub or saved datasets are read at `lmtune data` / `train`, not here", None
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary.formats.items())
     return f"data: {summary.rows_read} rows read ({kinds}), {summary.train_rows} for training, {summary.val_rows} held out", None
+
+
+def _plan_verdict(config, config_dir: Path) -> str | None:
+    """`lmtune plan`'s one line, when the model's config.json is here (builtin or a local folder: no download)."""
+    from .plan import PlanError, cpu_memory_gib, default_device, default_devices, make_plan, verdict
+
+    base = config.model.base_model
+    if not base or not (base.startswith("builtin:") or Path(base).expanduser().is_dir()):
+        return None
+    device = default_device()
+    try:
+        plan = make_plan(config, device, default_devices(), cpu_memory_gib() if device == "cpu" else None, rows=_local_rows(config, config_dir))
+    except PlanError:
+        return None
+    return f"plan: {verdict(plan)} (lmtune plan shows how)"
+
+
+def _local_rows(config, config_dir: Path) -> int | None:
+    from .data.pipeline import check_local_records
+    from .data.records import DataError
+
+    try:
+        summary = check_local_records(config, config_dir) if config.data.dataset else None
+    except DataError:
+        return None
+    return summary.train_rows if summary else None
+
+
+@command("plan")
+def run_plan(args: argparse.Namespace) -> int:
+    from .config.load import resolve
+    from .plan import as_json, cpu_memory_gib, default_device, default_devices, make_plan, parse_memory, table
+
+    resolved = resolve(args.config, args.set)
+    if resolved.config is None or resolved.errors:
+        _print_problems(resolved.errors, sys.stderr)
+        return 1
+    if not resolved.config.model.base_model:
+        print("error: base_model: no model given; plan reads its config.json", file=sys.stderr)
+        return 1
+    device = args.gpu or default_device()
+    memory = parse_memory(args.gpu_memory) if args.gpu_memory else (cpu_memory_gib() if device == "cpu" else None)
+    rows = _local_rows(resolved.config, Path(args.config).resolve().parent)
+    plan = make_plan(resolved.config, device, args.gpus or default_devices(), memory, rows=rows)
+    print(as_json(plan) if args.json else table(plan))
+    return 0
 
 
 def _looks_like_file(text: str) -> bool:
@@ -334,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(p)
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--all", action="store_true", help="also list settings left at their defaults")
+
+    p = sub.add_parser("plan", help="memory per device and time to finish, from the model's config.json alone")
+    p.add_argument("config")
+    with_overrides(p)
+    p.add_argument("--gpus", type=int, default=None, help="devices (processes); default 1, or SM_NUM_GPUS")
+    p.add_argument("--gpu", choices=["h100", "a100-80g", "a100-40g", "l4", "a10g", "t4", "cpu"], default=None,
+                   help="the device kind; default: the visible GPU, else cpu")
+    p.add_argument("--gpu-memory", help="memory per device, like 80GiB (default: the kind's)")
+    p.add_argument("--json", action="store_true", help="the numbers, machine-readable")
 
     p = sub.add_parser("explain", help="what a setting does, or what a config's values mean")
     p.add_argument("target", nargs="?", help="a setting name (any tool's) or a config file")

@@ -73,6 +73,7 @@ class Prepared:
     train: list[dict[str, list[int]]]
     val: list[dict[str, list[int]]]
     summary: Summary
+    folder: Optional[Path] = None  # the tokenised-data cache these came from or went to
 
 
 def _entries(config: Config, which: str) -> list[DatasetSpec]:
@@ -307,7 +308,7 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             train, val, saved = hit
             summary = Summary(**saved)
             summary.from_cache = True
-            return Prepared(train, val, summary)
+            return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key)
     workers = d.preprocessing_num_workers or 1
@@ -323,4 +324,4 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
     saved = asdict(summary)
     saved.pop("from_cache")
     train, val = cache.save(folder, train, val, saved)
-    return Prepared(train, val, summary)
+    return Prepared(train, val, summary, folder)

@@ -132,7 +132,7 @@ def train(
     model = run.prepare(model, total_steps)
     accelerator = run.accelerator
     if hasattr(stage, "prepare"):  # dpo: the reference policy, before any weight moves
-        stage.prepare(model, [b for b in (train_batches, eval_batches) if b is not None])
+        stage.prepare(model, [b for b in (train_batches, eval_batches) if b is not None], cache_folder=data.folder)
     run.phase("method and optimizer")
     if t.torch_compile:
         model = torch.compile(model)

@@ -44,10 +44,15 @@ def _lean_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_lean_norms(model: torch.nn.Module) -> int:
-    """Give every RMS norm the recomputing forward; returns how many."""
+    """Give every trained RMS norm the recomputing forward; returns how many.
+
+    A frozen norm (LoRA, qlora) keeps only its input already: its scale needs no
+    gradient, so the normalised output is never kept, and recomputing would only cost time.
+    """
     count = 0
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and "_plain_forward" not in module.__dict__:
+        trained = any(p.requires_grad for p in module.parameters(recurse=False))
+        if type(module).__name__.endswith("RMSNorm") and trained and "_plain_forward" not in module.__dict__:
             module._plain_forward = types.MethodType(type(module).forward, module)
             module.forward = types.MethodType(_lean_forward, module)
             count += 1

@@ -13,7 +13,10 @@ or the reference log-probabilities computed once before training
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -99,6 +102,16 @@ def _unwrapped(model: Any) -> Any:
     return getattr(model, "module", model)  # DDP
 
 
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Which starting weights these are: each tensor's shape, sum and absolute sum (one pass, no copy)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().double()
+        digest.update(f"{name}{tuple(tensor.shape)}{float(values.sum())!r}{float(values.abs().sum())!r}".encode())
+    return digest.hexdigest()[:16]
+
+
 class Preference(PairStage):
     shares_prompts = True  # packed pairs compute their prompt once (exact: see data.batches.shared_prompt_batch)
 
@@ -110,15 +123,24 @@ class Preference(PairStage):
         self.precompute = f.precompute_ref_logps and f.method in ("full", "freeze")
         self.reference_model: Optional[torch.nn.Module] = None
 
-    def prepare(self, model: Any, batch_sets: list[Batches]) -> None:
+    def prepare(self, model: Any, batch_sets: list[Batches], cache_folder: Optional[Path] = None) -> None:
         """Before training: keep the reference policy (unless reference-free or an adapter can be switched off)."""
         if self.kind in REFERENCE_FREE or self.method in ("lora", "qlora"):
             return
-        frozen = copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
         if not self.precompute:
-            self.reference_model = frozen
+            self.reference_model = copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
             return
-        # One pass over every pair; the log-probabilities ride along with the examples, and the copy is dropped.
+        # One pass over every pair, kept beside the tokenised data (for the same starting weights), so a resumed
+        # or repeated run reads them; they ride along with the examples, and training holds one model.
+        stored = cache_folder / f"ref_logps-{weights_fingerprint(_unwrapped(model))}.json" if cache_folder else None
+        if stored is not None and stored.exists():
+            saved = json.loads(stored.read_text())
+            if [len(b.examples) for b in batch_sets] == [len(values) for values in saved]:
+                for batches, values in zip(batch_sets, saved):
+                    for example, pair in zip(batches.examples, values):
+                        example["ref_logps"] = pair
+                return
+        frozen = copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
         device = next(frozen.parameters()).device
         for batches in batch_sets:
             examples = batches.examples
@@ -130,6 +152,10 @@ class Preference(PairStage):
                 for row, example in enumerate(chunk):
                     example["ref_logps"] = [float(sums[row]), float(sums[len(chunk) + row])]
         del frozen
+        if stored is not None:
+            partial = stored.with_suffix(".partial")
+            partial.write_text(json.dumps([[e["ref_logps"] for e in b.examples] for b in batch_sets]))
+            partial.replace(stored)
 
     def _reference(self, model: Any, batch: dict[str, torch.Tensor], policy: PairLogps) -> Optional[PairLogps]:
         if self.kind in REFERENCE_FREE:

@@ -1,0 +1,440 @@
+"""`lmtune plan`: memory per device and time to finish, from the model's config.json alone (no weights, no torch).
+
+Every figure is an estimate with its assumptions on the page:
+- weights: trained weights in fp32 (autocast computes in bf16/fp16), frozen
+  bases in the compute dtype, 4-bit (qlora) or 8-bit linear layers;
+- gradients fp32 for trained weights; optimizer states per trained parameter
+  (AdamW 8 bytes, 8-bit AdamW 2, SGD with momentum 4, ...);
+- activations per token and layer for a decoder block (what autograd keeps,
+  with lmtune's lean feed-forward and norms), one block's worth plus block
+  inputs with gradient checkpointing, attention scores only with eager
+  attention; every example counted at max_input_length (an upper bound);
+- FSDP divides what it shards by the process count; a fixed framework
+  overhead per device (CUDA context and allocator, or the Python process);
+- time: 6 FLOPs per weight per token (4 for frozen weights, +2 with
+  checkpointing) plus causal attention, at a stated share of the device's
+  dense peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Device:
+    memory_gib: float
+    peak_tflops_16: float  # dense bf16/fp16 tensor-core peak
+    peak_tflops_32: float  # fp32 (tf32 tensor cores where the card has them: used with `tf32: true`)
+    peak_tflops_tf32: float
+    overhead_gib: float
+
+
+# Vendor datasheet dense peaks (no sparsity); CPU: a nominal 2-core figure, override with --gpu-memory for RAM.
+DEVICES = {
+    "h100": Device(80, 989, 67, 494, 1.5),
+    "a100-80g": Device(80, 312, 19.5, 156, 1.5),
+    "a100-40g": Device(40, 312, 19.5, 156, 1.5),
+    "l4": Device(24, 121, 30.3, 60, 1.0),
+    "a10g": Device(24, 70, 31.2, 35, 1.0),
+    "t4": Device(16, 65, 8.1, 8.1, 0.8),
+    "cpu": Device(16, 0.18, 0.18, 0.18, 0.8),
+}
+UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak a fine-tuning step reaches (stated, not measured here)
+GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adam": 8, "adamw_8bit": 2, "rmsprop": 4, "adafactor": 0.5}
+
+
+class PlanError(UserError, ValueError):
+    """A model whose config cannot be read, or a device that is not known."""
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool
+    tied: bool
+    qkv_bias: bool
+    context: int
+    model_type: str
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one block, by lmtune's target names."""
+        q = self.heads * self.head_dim
+        out = {"q_proj": (self.hidden, q), "k_proj": (self.hidden, self.kv_dim), "v_proj": (self.hidden, self.kv_dim), "o_proj": (q, self.hidden)}
+        if self.gated:
+            out.update(gate_proj=(self.hidden, self.intermediate), up_proj=(self.hidden, self.intermediate), down_proj=(self.intermediate, self.hidden))
+        else:
+            out.update(up_proj=(self.hidden, self.intermediate), down_proj=(self.intermediate, self.hidden))
+        return out
+
+    def layer_parameters(self) -> int:
+        weights = sum(i * o for i, o in self.layer_linears().values())
+        biases = (self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        if self.model_type == "gpt_neox":  # every linear layer has a bias, norms are LayerNorms (scale + bias)
+            biases = sum(o for _, o in self.layer_linears().values())
+            return weights + biases + 4 * self.hidden
+        norms = 2 * self.hidden
+        if self.model_type in ("gemma2", "gemma3_text"):
+            norms = 4 * self.hidden  # pre- and post-norms around attention and feed-forward
+        if self.model_type == "qwen3" or self.model_type == "gemma3_text":
+            norms += 2 * self.head_dim  # per-head q and k norms
+        return weights + biases + norms
+
+    def parameters(self) -> int:
+        embed = self.vocab * self.hidden
+        final_norm = 2 * self.hidden if self.model_type == "gpt_neox" else self.hidden
+        return embed + (0 if self.tied else embed) + self.layers * self.layer_parameters() + final_norm
+
+
+def read_model_config(base_model: str) -> dict[str, Any]:
+    """config.json of a builtin model, a local folder or a hub id (only that file is fetched)."""
+    from .model.builtin import CONTEXT, PREFIX, SPECS, VOCAB_SIZE
+
+    if base_model.startswith(PREFIX):
+        size = base_model.removeprefix(PREFIX)
+        if size not in SPECS:
+            raise PlanError(f"base_model: no builtin model {base_model!r}")
+        return {"model_type": "llama", "vocab_size": VOCAB_SIZE, "max_position_embeddings": CONTEXT, **SPECS[size]}
+    folder = Path(base_model).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.exists():
+            raise PlanError(f"base_model: {base_model} has no config.json")
+        return json.loads(path.read_text())
+    if base_model.startswith((".", "/", "~")):
+        raise PlanError(f"base_model: {base_model}: no such folder")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(base_model, "config.json")).read_text())
+    except Exception as error:  # offline, unknown id, gated repository: one line either way
+        raise PlanError(f"base_model: {base_model}: its config.json could not be read ({type(error).__name__})") from None
+
+
+def shape_of(raw: dict[str, Any]) -> Shape:
+    text = raw.get("text_config", raw)  # multimodal wrappers keep the language model's config inside
+    model_type = text.get("model_type", raw.get("model_type", "llama"))
+    hidden = text["hidden_size"]
+    heads = text["num_attention_heads"]
+    return Shape(
+        vocab=text["vocab_size"],
+        hidden=hidden,
+        layers=text["num_hidden_layers"],
+        heads=heads,
+        kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or hidden // heads,
+        intermediate=text.get("intermediate_size") or 4 * hidden,
+        gated=model_type in GATED,
+        tied=bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", model_type in ("gemma", "gemma2", "gemma3_text")))),
+        qkv_bias=bool(text.get("attention_bias", model_type == "qwen2")),
+        context=text.get("max_position_embeddings", 2048),
+        model_type=model_type,
+    )
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    device: str
+    devices: int
+    memory_per_device_gib: float
+    parameters: int
+    trainable_parameters: int
+    micro_batch_size: int
+    tokens_per_example: int
+    bytes_per_device: dict[str, float]
+    fits: bool
+    largest_micro_batch: int
+    tokens_per_second: float
+    seconds: Optional[float]
+    total_tokens: Optional[int]
+    utilisation: float
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.bytes_per_device.values())
+
+
+def _lora_targets(shape: Shape, targets: list[str]) -> list[str]:
+    names = list(shape.layer_linears())
+    chosen: list[str] = []
+    for target in targets:
+        if target in ("all", "all-linear"):
+            chosen += names
+        elif target == "attention":
+            chosen += ["q_proj", "k_proj", "v_proj", "o_proj"]
+        elif target in ("mlp", "ff"):
+            chosen += [n for n in names if n in ("gate_proj", "up_proj", "down_proj")]
+        elif target in names:
+            chosen.append(target)
+    return sorted(set(chosen))
+
+
+def trainable_parameters(shape: Shape, config: Any) -> int:
+    f = config.finetuning
+    if f.method == "full":
+        return shape.parameters()
+    if f.method == "freeze":
+        layers = min(abs(f.freeze_trainable_layers), shape.layers)
+        return layers * shape.layer_parameters()
+    linears = shape.layer_linears()
+    per_layer = sum(f.lora_r * (linears[n][0] + linears[n][1]) for n in _lora_targets(shape, f.lora_target))
+    return shape.layers * per_layer
+
+
+def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_gib: Optional[float] = None, micro_batch: Optional[int] = None,
+             total_tokens: Optional[int] = None) -> Estimate:
+    f, t, p, dist = config.finetuning, config.training, config.precision, config.distributed
+    device = DEVICES[device_name]
+    memory_gib = memory_gib or device.memory_gib
+    half = p.precision in ("bf16", "fp16")
+    compute_bytes = 2 if half else 4
+    total, trainable = shape.parameters(), trainable_parameters(shape, config)
+    linear_weights = shape.layers * sum(i * o for i, o in shape.layer_linears().values())
+
+    # weights: trained in fp32; a frozen base in the compute dtype, its linear layers in 4 or 8 bits when quantised
+    adapters = f.method in ("lora", "qlora")
+    if f.method in ("full", "freeze"):
+        frozen = total - trainable
+        weights = trainable * 4 + frozen * compute_bytes
+    else:
+        per_linear = 0.5 + 0.032 if f.method == "qlora" else (1.0 if f.int8_quantization else compute_bytes)
+        weights = linear_weights * per_linear + (total - linear_weights) * compute_bytes + trainable * 4
+    gradients = trainable * 4
+    optimizer_bytes = (4 if t.momentum else 0) if t.optimizer == "sgd" else OPTIMIZER_BYTES.get(t.optimizer, 8)
+    optimizer = trainable * optimizer_bytes
+    shards = devices if dist.enable_fsdp and dist.fsdp_sharding_strategy != "no_shard" else 1
+    if dist.enable_fsdp and not adapters:
+        if dist.fsdp_sharding_strategy in ("full_shard", "hybrid_shard"):
+            weights /= shards
+        gradients /= shards
+        optimizer /= shards
+        if dist.fsdp_offload_params:
+            weights, optimizer = weights / max(shape.layers, 1), 0.0  # one block's weights gathered on the device at a time
+
+    # activations, per example of max_input_length tokens
+    tokens = _tokens_per_example(config, shape)
+    d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_token_layer = compute_bytes * (6 * d + 2 * kv + (3 if shape.gated else 2) * inter) + 4 * 2 * d  # fp32 norm inputs
+    if config.model.attn_implementation == "eager":
+        per_token_layer += compute_bytes * shape.heads * tokens  # the scores matrix, kept for softmax's backward
+    if t.gradient_checkpointing:
+        per_example = tokens * (shape.layers * compute_bytes * d + per_token_layer)
+    else:
+        per_example = tokens * shape.layers * per_token_layer
+    logits = min(tokens, 1024) * shape.vocab * 4 * 3  # one chunk of fp32 logits, their softmax and gradient
+    static = weights + gradients + optimizer + device.overhead_gib * GIB + logits
+    available = memory_gib * GIB
+    batch = micro_batch or t.micro_batch_size
+    activations = per_example * batch
+    fits = static + activations <= available
+    largest = max(0, int((available - static) // per_example)) if per_example else 0
+
+    # time
+    frozen_matmul = 4 if adapters or f.method == "freeze" else 6
+    checkpoint_extra = 2 if t.gradient_checkpointing else 0
+    trained_matmul = trainable if f.method != "full" else 0
+    flops_per_token = (frozen_matmul + checkpoint_extra) * (total - trained_matmul) + (6 + checkpoint_extra) * trained_matmul
+    flops_per_token += 12 * shape.layers * d * tokens / 2  # causal attention over half the example on average
+    if device_name == "cpu":
+        peak, utilisation = device.peak_tflops_32, UTILISATION["cpu"]
+    else:
+        peak = device.peak_tflops_16 if half else (device.peak_tflops_tf32 if p.tf32 else device.peak_tflops_32)
+        utilisation = UTILISATION["gpu"]
+    tokens_per_second = devices * peak * 1e12 * utilisation / flops_per_token
+    seconds = total_tokens / tokens_per_second if total_tokens else None
+    return Estimate(
+        device=device_name, devices=devices, memory_per_device_gib=memory_gib, parameters=total, trainable_parameters=trainable,
+        micro_batch_size=batch, tokens_per_example=tokens,
+        bytes_per_device={"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
+                          "logits": logits, "framework": device.overhead_gib * GIB},
+        fits=fits, largest_micro_batch=largest, tokens_per_second=tokens_per_second, seconds=seconds, total_tokens=total_tokens,
+        utilisation=utilisation,
+    )
+
+
+def _tokens_per_example(config: Any, shape: Shape) -> int:
+    wanted = config.data.max_input_length
+    return shape.context if wanted == -1 else min(wanted, shape.context)
+
+
+def run_tokens(config: Any, tokens_per_example: int, devices: int, rows: Optional[int]) -> Optional[int]:
+    """Tokens the run trains: max_steps x global batch, or epochs x rows, each example at its bound."""
+    t = config.training
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * devices * tokens_per_example
+    if t.max_steps > 0:
+        return t.max_steps * per_step
+    if rows:
+        return int(t.epochs * rows * tokens_per_example)
+    return None
+
+
+def suggestions(config: Any, shape: Shape, device: str, devices: int, memory_gib: Optional[float]) -> list[str]:
+    """Changes that make a run fit, each checked with the same estimate."""
+    out = []
+    f, t = config.finetuning, config.training
+
+    def fits(**changes: dict[str, Any]) -> Optional[Estimate]:
+        changed = config.model_copy(deep=True)
+        for group, values in changes.items():
+            setattr(changed, group, getattr(changed, group).model_copy(update=values))
+        result = estimate(changed, shape, device, changes.get("_devices", devices), memory_gib)
+        return result if result.fits else None
+
+    if t.micro_batch_size > 1:
+        for size in (t.micro_batch_size // 2, 1):
+            if size >= 1 and fits(training={"micro_batch_size": size}):
+                steps = t.gradient_accumulation_steps * t.micro_batch_size // size
+                out.append(f"micro_batch_size: {size} with gradient_accumulation_steps: {steps} (the same global batch)")
+                break
+    if not t.gradient_checkpointing and fits(training={"gradient_checkpointing": True}):
+        out.append("gradient_checkpointing: true (about a third more compute)")
+    if f.method in ("full", "freeze") and fits(finetuning={"method": "lora"}):
+        out.append("method: lora")
+    if f.method in ("full", "freeze", "lora") and fits(finetuning={"method": "qlora"}):
+        out.append("method: qlora (4-bit base; CUDA only)")
+    if f.method in ("full", "freeze") and not config.distributed.enable_fsdp:
+        for count in (2, 4, 8):
+            changed = config.model_copy(deep=True)
+            changed.distributed = changed.distributed.model_copy(update={"enable_fsdp": True})
+            if estimate(changed, shape, device, count, memory_gib).fits:
+                out.append(f"enable_fsdp: true on {count} devices")
+                break
+    if config.distributed.enable_fsdp and not config.distributed.fsdp_offload_params and fits(distributed={"fsdp_offload_params": True}):
+        out.append("fsdp_offload_params: true (slower: weights and optimizer states live on the CPU)")
+    return out
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+
+def make_plan(config: Any, device: str = "h100", devices: int = 1, memory_gib: Optional[float] = None, rows: Optional[int] = None) -> Estimate:
+    if device not in DEVICES:
+        raise PlanError(f"--gpu: {device} is not known; use one of {', '.join(DEVICES)}")
+    shape = shape_of(read_model_config(config.model.base_model))
+    first = estimate(config, shape, device, devices, memory_gib)
+    total_tokens = run_tokens(config, first.tokens_per_example, devices, rows)
+    result = estimate(config, shape, device, devices, memory_gib, total_tokens=total_tokens)
+    if not result.fits:
+        result.suggestions = suggestions(config, shape, device, devices, memory_gib)
+    return result
+
+
+def verdict(plan: Estimate) -> str:
+    where = f"{plan.devices} x {plan.device} ({plan.memory_per_device_gib:.0f} GiB)"
+    used = plan.peak_bytes / GIB
+    speed = f"about {plan.tokens_per_second:,.0f} tokens/s"
+    if plan.seconds is not None:
+        speed += f", {_duration(plan.seconds)} for the run"
+    if plan.fits:
+        return (f"fits on {where}: {used:.1f} GiB per device at micro_batch_size {plan.micro_batch_size} "
+                f"(largest that fits: {plan.largest_micro_batch}); {speed}")
+    fix = "; ".join(plan.suggestions) if plan.suggestions else "a device with more memory"
+    return f"does not fit on {where}: {used:.1f} GiB per device needed; what fits: {fix}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def table(plan: Estimate) -> str:
+    lines = [
+        f"model: {plan.parameters:,} parameters, {plan.trainable_parameters:,} trained",
+        f"per device, micro batch {plan.micro_batch_size} of {plan.tokens_per_example} tokens (every example at max_input_length):",
+    ]
+    for name, value in plan.bytes_per_device.items():
+        lines.append(f"  {name:12s} {value / GIB:8.2f} GiB")
+    lines.append(f"  {'total':12s} {plan.peak_bytes / GIB:8.2f} GiB of {plan.memory_per_device_gib:.0f}")
+    lines.append(f"time: {plan.tokens_per_second:,.0f} tokens/s at {plan.utilisation:.0%} of the device's dense peak"
+                 + (f", {plan.total_tokens:,} tokens: {_duration(plan.seconds)}" if plan.seconds is not None else " (run length unknown: no max_steps and no local data to count)"))
+    lines.append(f"plan: {verdict(plan)}")
+    return "\n".join(lines)
+
+
+def as_json(plan: Estimate) -> str:
+    out = asdict(plan)
+    out["peak_bytes_per_device"] = plan.peak_bytes
+    return json.dumps(out, indent=2)
+
+
+def parse_memory(text: str) -> float:
+    """'80GiB', '80G', '40 GB' -> GiB."""
+    cleaned = text.strip().lower().replace(" ", "")
+    for suffix, scale in (("gib", 1.0), ("gb", 1e9 / GIB), ("g", 1.0), ("mib", 1 / 1024)):
+        if cleaned.endswith(suffix):
+            try:
+                return float(cleaned.removesuffix(suffix)) * scale
+            except ValueError:
+                break
+    try:
+        return float(cleaned)
+    except ValueError:
+        raise PlanError(f"--gpu-memory: {text!r} is not a size; write it like 80GiB") from None
+
+
+def cpu_memory_gib() -> Optional[float]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    except OSError:
+        return None
+    return None
+
+
+def default_device() -> str:
+    """The visible GPU's kind (by name and memory from nvidia-smi), else cpu; no torch."""
+    import shutil
+    import subprocess
+
+    from .config.rules import cuda_visible
+
+    if not cuda_visible() or shutil.which("nvidia-smi") is None:
+        return "cpu" if not cuda_visible() else "h100"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "h100"
+    name, memory = out.rsplit(",", 1)
+    name = name.lower()
+    for key in ("h100", "l4", "a10g", "t4"):
+        if key in name.replace(" ", ""):
+            return key
+    if "a100" in name:
+        return "a100-80g" if float(memory) > 50_000 else "a100-40g"
+    return "h100"
+
+
+def default_devices() -> int:
+    return int(os.environ.get("SM_NUM_GPUS", "0") or 0) or 1
