@@ -144,7 +144,7 @@ def shape_of(raw: dict[str, Any]) -> Shape:
         hidden=hidden,
         layers=text["num_hidden_layers"],
         heads=heads,
-        kv_heads=text.get("num_key_value_heads") or heads,
+        kv_heads=heads if model_type == "gpt_neox" else (text.get("num_key_value_heads") or heads),  # no grouped heads
         head_dim=text.get("head_dim") or hidden // heads,
         intermediate=text.get("intermediate_size") or 4 * hidden,
         gated=model_type in GATED,
