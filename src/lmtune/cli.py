@@ -145,6 +145,23 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("convert")
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert, read_source, summary, to_yaml
+
+    source = Path(args.file)
+    conversion = convert(read_source(source), args.source, Path(args.dataset_info) if args.dataset_info else None)
+    text = to_yaml(conversion, source.name)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(summary(conversion))
+        print(f"wrote {args.out}; `lmtune check {args.out}` validates it")
+    else:
+        print(text, end="")
+        print(summary(conversion), file=sys.stderr)
+    return 0
+
+
 def _looks_like_file(text: str) -> bool:
     return Path(text).is_file() or text.endswith((".yaml", ".yml", ".json"))
 
@@ -393,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the device kind; default: the visible GPU, else cpu")
     p.add_argument("--gpu-memory", help="memory per device, like 80GiB (default: the kind's)")
     p.add_argument("--json", action="store_true", help="the numbers, machine-readable")
+
+    p = sub.add_parser("convert", help="an Axolotl, LLaMA-Factory, torchtune or JumpStart config as an lmtune config")
+    p.add_argument("file")
+    p.add_argument("--from", dest="source", choices=["axolotl", "llamafactory", "torchtune", "jumpstart"], default=None,
+                   help="the tool that wrote it (default: detected)")
+    p.add_argument("-o", "--out", help="write the lmtune config here (default: print it)")
+    p.add_argument("--dataset-info", help="LLaMA-Factory's dataset_info.json, to resolve dataset names")
 
     p = sub.add_parser("explain", help="what a setting does, or what a config's values mean")
     p.add_argument("target", nargs="?", help="a setting name (any tool's) or a config file")

@@ -3,11 +3,13 @@
 `down(act(gate(x)) * up(x))` (Llama, Mistral, Qwen, Gemma and most decoders
 since) keeps, per token, gate(x) for act's backward, act(gate(x)) and up(x) for
 the product's, and the product for down's: four tensors of the intermediate
-width, the largest activations of the model. Here the gated product is one
-autograd function that keeps gate(x) and up(x) and recomputes the rest in the
-backward pass (an elementwise recomputation, a few per cent of a step), so a
-quarter of the feed-forward activations are never kept. The product and every
-gradient are the same numbers.
+width, the largest activations of the model. Here the gated product and the
+down projection are one autograd function that keeps gate(x) and up(x) and
+recomputes the product in the backward pass (an elementwise recomputation, a
+few per cent of a step), so half of the feed-forward activations are never
+kept. Where down_proj carries an adapter (LoRA) or autocast runs, only the
+product is fused and down_proj's own forward keeps its input. The output and every gradient
+are the same operations on the same numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -35,10 +38,38 @@ class _GatedProduct(torch.autograd.Function):
         return grad_gate, grad * activated.detach(), None
 
 
+class _GatedDown(torch.autograd.Function):
+    """down(act(gate) * up) keeping gate and up only; down is a plain linear layer."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: Any, act: torch.nn.Module) -> torch.Tensor:
+        ctx.act, ctx.has_bias = act, bias is not None
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(act(gate) * up, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate.detach().requires_grad_(True)
+            activated = ctx.act(leaf)
+        product = activated.detach() * up
+        grad_product = grad.matmul(weight)
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(product.reshape(-1, product.shape[-1])) if ctx.needs_input_grad[2] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product * up)
+        return grad_gate, grad_product * activated.detach(), grad_weight, grad_bias, None
+
+
 def _lean_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return self.down_proj(_GatedProduct.apply(gate, up, self.act_fn))
+        down = self.down_proj
+        # A plain projection outside autocast: fused, its input recomputed (under autocast the backward's
+        # matmuls would need the forward's casts; there the product alone is fused).
+        if type(down) is torch.nn.Linear and not torch.is_autocast_enabled(gate.device.type):
+            return _GatedDown.apply(gate, up, down.weight, down.bias, self.act_fn)
+        return down(_GatedProduct.apply(gate, up, self.act_fn))
     return self.down_proj(self.act_fn(gate) * up)
 
 

@@ -1,0 +1,446 @@
+"""`lmtune convert`: another tool's config as a commented lmtune config, every key accounted for.
+
+Each key of the source file ends up in one of four places, and the summary
+says which: mapped (the same setting under lmtune's name), changed (a value
+translated because its meaning differs: a fractional `warmup_steps`, `bf16:
+auto`, a torchtune component, a dataset name), ignored (no effect on what
+lmtune trains, with why) or unsupported (with why). Nothing is dropped
+silently. The translation tables are the ones `lmtune check` reads foreign
+keys with (config/aliases.py); this module adds what only a whole file
+shows: which tool wrote it, torchtune's component blocks, and LLaMA-Factory's
+dataset names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import aliases
+from .config.aliases import _truthy
+from .config.load import coerce_string
+from .config.schema import KEY_GROUP
+from .errors import UserError
+
+SOURCES = ("axolotl", "llamafactory", "torchtune", "jumpstart")
+
+
+class ConvertError(UserError, ValueError):
+    """A file that cannot be converted; the message says why."""
+
+
+@dataclass
+class Entry:
+    """What became of one key of the source file."""
+
+    source_key: str
+    value: Any
+    kind: str  # mapped, changed, ignored, unsupported
+    settings: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+
+@dataclass
+class Conversion:
+    source: str
+    settings: dict[str, Any]
+    entries: list[Entry]
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        return [e for e in self.entries if e.kind == kind]
+
+
+# -- which tool wrote it -------------------------------------------------------------------------
+
+MARKERS = {
+    "llamafactory": {"model_name_or_path", "finetuning_type", "cutoff_len", "per_device_train_batch_size", "lora_rank", "pref_beta"},
+    "axolotl": {"base_model", "datasets", "sequence_len", "micro_batch_size", "adapter", "num_epochs", "lora_r"},
+    "torchtune": {"checkpointer", "batch_size", "max_steps_per_epoch", "enable_activation_checkpointing", "dtype"},
+    "jumpstart": {"instruction_tuned", "chat_dataset", "epoch", "per_device_train_batch_size", "enable_fsdp", "int8_quantization"},
+}
+
+
+def detect(raw: dict[str, Any]) -> str:
+    if any(isinstance(v, dict) and "_component_" in v for v in raw.values()):
+        return "torchtune"
+    if raw and all(isinstance(v, str) for v in raw.values()) and raw.keys() & {"instruction_tuned", "chat_dataset", "epoch"}:
+        return "jumpstart"
+    scores = {tool: len(raw.keys() & keys) for tool, keys in MARKERS.items()}
+    best = max(scores.values())
+    winners = [tool for tool, score in scores.items() if score == best]
+    if best == 0 or len(winners) > 1:
+        raise ConvertError(
+            "convert: cannot tell which tool wrote this file "
+            + (f"(it reads like {' or '.join(winners)})" if best else "(no key any supported tool uses)")
+            + "; name it with --from axolotl|llamafactory|torchtune|jumpstart"
+        )
+    return winners[0]
+
+
+# -- torchtune's component blocks ------------------------------------------------------------------
+
+TORCHTUNE_LORA_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
+TORCHTUNE_SCHEDULERS = {"get_cosine_schedule_with_warmup": "cosine", "get_linear_schedule_with_warmup": "linear"}
+TORCHTUNE_OPTIMIZERS = {"AdamW": "adamw_torch", "Adam": "adam", "SGD": "sgd", "_AdamW8bit": "adamw_8bit", "AdamW8bit": "adamw_8bit"}
+TORCHTUNE_LOSSES = {"DPOLoss": ("dpo", "sigmoid"), "RSOLoss": ("dpo", "hinge"), "IPOLoss": ("dpo", "ipo"), "SimPOLoss": ("dpo", "simpo")}
+TORCHTUNE_DATASETS = {
+    "alpaca_dataset": ("tatsu-lab/alpaca", "instruction"),
+    "alpaca_cleaned_dataset": ("yahma/alpaca-cleaned", "instruction"),
+    "stack_exchange_paired_dataset": ("lvwerra/stack-exchange-paired", "preference"),
+    "slimorca_dataset": ("Open-Orca/SlimOrca-Dedup", "chat"),
+    "text_completion_dataset": (None, "text"),
+    "instruct_dataset": (None, "instruction"),
+    "chat_dataset": (None, "chat"),
+    "preference_dataset": (None, "preference"),
+}
+TORCHTUNE_PLAIN = {  # top-level torchtune keys and the lmtune setting each is
+    "batch_size": "micro_batch_size",
+    "epochs": "epochs",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "enable_activation_checkpointing": "gradient_checkpointing",
+    "compile": "torch_compile",
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "log_every_n_steps": "logging_steps",
+    "clip_grad_norm": "max_grad_norm",
+}
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `5e-4` (no dot) as text; torchtune means a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return coerce_string(value)
+    return value
+
+
+def _component(block: Any) -> str:
+    return str(block.get("_component_", "")).rsplit(".", 1)[-1] if isinstance(block, dict) else ""
+
+
+def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
+    """Entries for torchtune's component blocks and its own top-level names; returns what is left."""
+    entries: list[Entry] = []
+    rest = dict(raw)
+
+    def take(name: str) -> Any:
+        return rest.pop(name, None)
+
+    model = take("model")
+    if isinstance(model, dict):
+        name, settings = _component(model), {}
+        if name.startswith(("lora_", "qlora_")) or "lora_rank" in model:
+            settings["method"] = "qlora" if name.startswith("qlora_") else "lora"
+            if "lora_rank" in model:
+                settings["lora_r"] = model["lora_rank"]
+            if "lora_alpha" in model:
+                settings["lora_alpha"] = model["lora_alpha"]
+            if "lora_dropout" in model:
+                settings["lora_dropout"] = model["lora_dropout"]
+            targets = [TORCHTUNE_LORA_MODULES.get(m, m) for m in model.get("lora_attn_modules", [])]
+            if model.get("apply_lora_to_mlp"):
+                targets.append("mlp")
+            if targets:
+                settings["lora_target"] = targets
+        else:
+            settings["method"] = "full"
+        why = f"{model.get('_component_')}: the architecture comes from the checkpoint's config.json"
+        if model.get("apply_lora_to_output"):
+            why += "; apply_lora_to_output has no lmtune equivalent (the output head keeps no adapter)"
+        entries.append(Entry("model", model, "changed", settings, why))
+    checkpointer = take("checkpointer")
+    if isinstance(checkpointer, dict):
+        settings = {"base_model": checkpointer["checkpoint_dir"]} if checkpointer.get("checkpoint_dir") else {}
+        entries.append(Entry("checkpointer", checkpointer, "changed", settings,
+                             "the Hugging Face checkpoint folder is the base model; its files are found by transformers"))
+    tokenizer = take("tokenizer")
+    if isinstance(tokenizer, dict):
+        settings = {"max_input_length": tokenizer["max_seq_len"]} if tokenizer.get("max_seq_len") else {}
+        entries.append(Entry("tokenizer", tokenizer, "changed", settings,
+                             "the tokenizer is read from the base model's folder; max_seq_len is the longest example"))
+    optimizer = take("optimizer")
+    if isinstance(optimizer, dict):
+        name = _component(optimizer)
+        settings = {"optimizer": TORCHTUNE_OPTIMIZERS.get(name, "adamw_torch")}
+        for theirs, ours in (("lr", "learning_rate"), ("weight_decay", "weight_decay"), ("eps", "adam_epsilon"), ("momentum", "momentum")):
+            if theirs in optimizer:
+                settings[ours] = _number(optimizer[theirs])
+        if isinstance(optimizer.get("betas"), (list, tuple)) and len(optimizer["betas"]) == 2:
+            settings["adam_beta1"], settings["adam_beta2"] = optimizer["betas"]
+        why = f"{optimizer.get('_component_')}" + ("" if name in TORCHTUNE_OPTIMIZERS else ": not known, AdamW instead")
+        entries.append(Entry("optimizer", optimizer, "changed" if name in TORCHTUNE_OPTIMIZERS else "unsupported", settings, why))
+    scheduler = take("lr_scheduler")
+    if isinstance(scheduler, dict):
+        name = _component(scheduler)
+        settings = {"lr_scheduler": TORCHTUNE_SCHEDULERS.get(name, "constant")}
+        if "num_warmup_steps" in scheduler:
+            settings["warmup_steps"] = scheduler["num_warmup_steps"]
+        entries.append(Entry("lr_scheduler", scheduler, "changed", settings, str(scheduler.get("_component_"))))
+    loss = take("loss")
+    if isinstance(loss, dict):
+        name = _component(loss)
+        if name in TORCHTUNE_LOSSES:
+            stage, kind = TORCHTUNE_LOSSES[name]
+            settings = {"stage": stage, "pref_loss": kind}
+            if "beta" in loss:
+                settings["pref_beta"] = loss["beta"]
+            if loss.get("label_smoothing"):
+                settings["dpo_label_smoothing"] = loss["label_smoothing"]
+            if "gamma" in loss and kind == "simpo":
+                settings["simpo_gamma"] = loss["gamma"]
+            entries.append(Entry("loss", loss, "changed", settings, f"{loss.get('_component_')} is dpo's {kind} loss"))
+        else:
+            entries.append(Entry("loss", loss, "changed", {}, f"{loss.get('_component_')}: the stage's own loss (cross-entropy on trained tokens)"))
+    dataset = take("dataset")
+    if isinstance(dataset, (dict, list)):
+        blocks = dataset if isinstance(dataset, list) else [dataset]
+        specs, formats = [], set()
+        for block in blocks:
+            name = _component(block)
+            known, fmt = TORCHTUNE_DATASETS.get(name, (None, "auto"))
+            source = block.get("source") or known
+            if not source:
+                raise ConvertError(f"dataset: {block.get('_component_')} names no source; add `source:` to the block")
+            spec: dict[str, Any] = {"path": source, "format": fmt}
+            if block.get("column_map"):
+                spec["columns"] = {ours: theirs for ours, theirs in block["column_map"].items()}
+            if block.get("split"):
+                spec["split"] = block["split"]
+            specs.append(spec)
+            formats.add(fmt)
+            if block.get("packed"):
+                entries.append(Entry("dataset.packed", True, "unsupported", {}, "packing to a fixed length is not built yet; lmtune packs each micro batch without padding"))
+        entries.append(Entry("dataset", dataset, "changed", {"dataset": specs}, "torchtune dataset builders, read by what they load"))
+    for theirs, ours in TORCHTUNE_PLAIN.items():
+        if theirs in rest:
+            value = rest.pop(theirs)
+            if value is None:
+                entries.append(Entry(theirs, value, "ignored", {}, "left empty: lmtune's default applies"))
+            else:
+                entries.append(Entry(theirs, value, "mapped", {ours: value}))
+    if "dtype" in rest:
+        value = str(rest.pop("dtype"))
+        precision = {"bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}.get(value, value)
+        entries.append(Entry("dtype", value, "changed", {"precision": precision}, "bf16 runs keep fp32 master weights and compute in bf16"))
+    if "max_steps_per_epoch" in rest:
+        value = rest.pop("max_steps_per_epoch")
+        if value:
+            epochs = raw.get("epochs") or 1
+            entries.append(Entry("max_steps_per_epoch", value, "changed", {"max_steps": int(value) * int(epochs)},
+                                 "lmtune caps the whole run: max_steps = max_steps_per_epoch x epochs"))
+    return entries, rest
+
+
+# -- LLaMA-Factory's dataset names ----------------------------------------------------------------------
+
+
+def _llamafactory_dataset(names: Any, info_path: Optional[Path]) -> Entry:
+    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if info_path is None:
+        return Entry("dataset", names, "changed", {"dataset": listed},
+                     "names kept as given: pass --dataset-info dataset_info.json to resolve them to files and columns")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConvertError(f"--dataset-info: {info_path} cannot be read ({error})") from None
+    specs = []
+    for name in listed:
+        if name not in info:
+            raise ConvertError(f"dataset: {name} is not in {info_path}; add it there or give a file path")
+        entry = info[name]
+        path = entry.get("file_name")
+        path = str(info_path.parent / path) if path else entry.get("hf_hub_url")
+        if not path:
+            raise ConvertError(f"dataset: {name} in {info_path} has no file_name or hf_hub_url")
+        columns = dict(entry.get("columns", {}))
+        if entry.get("ranking"):
+            fmt = "preference"
+        elif entry.get("formatting") == "sharegpt" or "messages" in columns:
+            fmt = "chat"
+        else:
+            fmt = "auto"
+        spec: dict[str, Any] = {"path": path, "format": fmt}
+        # LLaMA-Factory's column names are the roles of lmtune's columns: {role: file column}.
+        mapping = {}
+        for role, column in columns.items():
+            ours = {"prompt": "instruction", "query": "input", "response": "output"}.get(role, role)
+            if column != ours:
+                mapping[ours] = column
+        if mapping:
+            spec["columns"] = mapping
+        if entry.get("split"):
+            spec["split"] = entry["split"]
+        specs.append(spec)
+    return Entry("dataset", names, "changed", {"dataset": specs}, f"resolved through {info_path.name}")
+
+
+# -- every other key ------------------------------------------------------------------------------------
+
+
+def _generic(name: str, value: Any) -> Entry:
+    value = coerce_string(value)
+    if value is None or value == "":
+        return Entry(name, value, "ignored", {}, "left empty: lmtune's default applies")
+    if name in KEY_GROUP:
+        return Entry(name, value, "mapped", {name: value})
+    if name in aliases.TRANSLATIONS:
+        try:
+            settings = aliases.TRANSLATIONS[name](value)
+        except (aliases.AliasError, ValueError, TypeError) as error:
+            return Entry(name, value, "unsupported", {}, str(error).split(": ", 1)[-1])
+        why = settings.pop(aliases.WARNING, "")
+        if not settings and not why:
+            return Entry(name, value, "ignored", {}, "asks for nothing (empty or false)")
+        return Entry(name, value, "changed" if settings else "ignored", settings, why or "translated by meaning")
+    if name in aliases.RENAMES:
+        key = aliases.RENAMES[name][0]
+        return Entry(name, value, "mapped", {key: value})
+    if name in aliases.IGNORED:
+        return Entry(name, value, "ignored", {}, aliases.IGNORED[name])
+    if name in aliases.UNSUPPORTED:
+        if value in (None, "", False, [], {}):
+            return Entry(name, value, "ignored", {}, "asks for nothing (empty or false)")
+        return Entry(name, value, "unsupported", {}, aliases.UNSUPPORTED[name])
+    return Entry(name, value, "unsupported", {}, "no lmtune setting has this meaning")
+
+
+def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_info: Optional[Path]) -> Optional[Entry]:
+    """Keys whose meaning depends on the tool, or that the generic tables do not hold."""
+    if source == "llamafactory" and name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+        return Entry(name, value, "changed", {"warmup_ratio": value}, "a fraction below 1 is a share of the run: warmup_ratio")
+    if source == "llamafactory" and name == "dataset":
+        return _llamafactory_dataset(value, dataset_info)
+    if source == "llamafactory" and name == "eval_dataset" and dataset_info is not None:
+        entry = _llamafactory_dataset(value, dataset_info)
+        return Entry(name, value, "changed", {"validation_dataset": entry.settings["dataset"]}, entry.why)
+    if name in ("evaluation_strategy",):
+        text = str(value).lower()
+        return Entry(name, value, "changed", {"eval_strategy": "no" if text == "none" else text}, "the old transformers name of eval_strategy")
+    if name.startswith("flash_attn") or name == "flash_attention":
+        if name in ("flash_attention", "flash_attn") and str(value).lower() in ("true", "fa2", "auto", "1"):
+            return Entry(name, value, "changed", {"attn_implementation": "flash_attention_2"}, "flash attention 2 (CUDA only)")
+        return Entry(name, value, "ignored", {}, "fused flash-attention kernels are chosen by attn_implementation")
+    if name == "report_to":
+        wanted = [value] if isinstance(value, str) else list(value or [])
+        kept = [t for t in wanted if t in ("tensorboard", "jsonl")]
+        dropped = [t for t in wanted if t not in ("tensorboard", "jsonl", "none")]
+        if dropped:
+            return Entry(name, value, "unsupported", {"report_to": kept} if kept else {},
+                         f"{', '.join(dropped)}: not built in yet; metrics go to metrics.jsonl (and TensorBoard)")
+        return Entry(name, value, "mapped", {"report_to": kept})
+    if source == "axolotl" and name == "bf16" and str(value).lower() == "auto":
+        return Entry(name, value, "changed", {"precision": "bf16"}, "auto means bf16 where the device has it; lmtune's check refuses bf16 where it cannot run")
+    if name in ("sample_packing", "packing", "neat_packing", "packed") and source in ("axolotl", "llamafactory", "torchtune"):
+        if not _truthy(value):
+            return Entry(name, value, "changed", {"packing": False}, "batches padded, as asked")
+        return Entry(name, value, "changed", {}, f"{name} fills each row up to the sequence length; lmtune does not pack to a length yet, "
+                     "and batches each micro batch without padding by default (the same examples per step, no padding computed)")
+    if source == "jumpstart" and name == "epoch":
+        return Entry(name, value, "mapped", {"epochs": coerce_string(value)})
+    return None
+
+
+def convert(raw: dict[str, Any], source: Optional[str] = None, dataset_info: Optional[Path] = None) -> Conversion:
+    if not isinstance(raw, dict) or not raw:
+        raise ConvertError("convert: the file holds no settings (an empty file, or not a mapping of keys)")
+    source = source or detect(raw)
+    entries: list[Entry] = []
+    rest = raw
+    if source == "torchtune":
+        entries, rest = _torchtune(raw)
+    for name, value in rest.items():
+        entry = _special(source, str(name), value, raw, dataset_info) or _generic(str(name), value)
+        entries.append(entry)
+    settings: dict[str, Any] = {}
+    for entry in entries:
+        for key, value in entry.settings.items():
+            if key in settings and settings[key] != value and key == "method" and {settings[key], value} == {"lora", "qlora"}:
+                value = "qlora"  # a LoRA method with a 4-bit base is qlora
+            settings[key] = value
+    for key, table in aliases.VALUE_ALIASES.items():  # values other tools spell differently
+        value = settings.get(key)
+        if isinstance(value, str) and value.strip().lower() in table and table[value.strip().lower()] != value:
+            new = table[value.strip().lower()]
+            entries.append(Entry(f"{key} value", value, "changed", {key: new}, aliases.VALUE_NOTES.get((key, value.strip().lower()), "the same choice, lmtune's spelling")))
+            settings[key] = new
+    return Conversion(source, settings, entries)
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict) and "_component_" in value:
+        return str(value["_component_"])
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def to_yaml(conversion: Conversion, origin: str) -> str:
+    import yaml
+
+    by_key: dict[str, list[Entry]] = {}
+    for entry in conversion.entries:
+        for key in entry.settings:
+            by_key.setdefault(key, []).append(entry)
+    lines = [f"# Converted by `lmtune convert` from {origin} ({conversion.source}). Every source key is listed: mapped,",
+             "# changed in meaning (old -> new, with why), ignored or unsupported (at the end, with why).", ""]
+    group = None
+    for key in (k for k in KEY_GROUP if k in conversion.settings):
+        if KEY_GROUP[key] != group:
+            group = KEY_GROUP[key]
+            lines.append(f"# -- {group}")
+        notes = []
+        for entry in by_key.get(key, []):
+            if entry.kind == "changed":
+                shown = entry.source_key if isinstance(entry.value, dict) else f"{entry.source_key}: {_short(entry.value)}"
+                notes.append(f"from {shown}" + (f" ({entry.why})" if len(entry.settings) == 1 else ""))
+            elif entry.source_key != key:
+                notes.append(f"from {entry.source_key}")
+        dumped = yaml.safe_dump({key: conversion.settings[key]}, sort_keys=False, default_flow_style=False, width=1000).rstrip()
+        lines.append(dumped + (f"  # {'; '.join(notes)}" if notes and "\n" not in dumped else ""))
+        if notes and "\n" in dumped:
+            lines.insert(len(lines) - 1, f"# {'; '.join(notes)}")
+    for kind in ("ignored", "unsupported"):
+        listed = conversion.of_kind(kind)
+        if listed:
+            lines += ["", f"# -- {kind} ({len(listed)})"]
+            lines += [f"# {e.source_key}: {_short(e.value)}  -- {e.why}" for e in listed]
+    return "\n".join(lines) + "\n"
+
+
+def summary(conversion: Conversion) -> str:
+    rows = [f"converted from {conversion.source}:"]
+    for kind, label in (("mapped", "mapped"), ("changed", "changed in meaning"), ("ignored", "ignored"), ("unsupported", "unsupported")):
+        listed = conversion.of_kind(kind)
+        rows.append(f"  {label}: {len(listed)}")
+        for entry in listed:
+            target = ", ".join(f"{k}={_short(v)}" for k, v in entry.settings.items())
+            if kind == "mapped":
+                rows.append(f"    {entry.source_key} -> {target}")
+            elif kind == "changed":
+                rows.append(f"    {entry.source_key}: {_short(entry.value)} -> {target or '(nothing)'}  ({entry.why})")
+            else:
+                rows.append(f"    {entry.source_key}: {entry.why}")
+    return "\n".join(rows)
+
+
+def read_source(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConvertError(f"convert: {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConvertError(f"convert: {path} is not a YAML or JSON config ({type(error).__name__})") from None
+    if raw is None or raw == {}:
+        raise ConvertError(f"convert: {path} holds no settings (an empty file)")
+    if not isinstance(raw, dict):
+        raise ConvertError(f"convert: {path} is not a config (expected a mapping of keys, found {type(raw).__name__})")
+    return raw
