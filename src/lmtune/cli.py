@@ -40,9 +40,9 @@ def run_check(args: argparse.Namespace) -> int:
     resolved = resolve(args.config, args.set)
     if resolved.config is not None:  # check passes only what train could start
         resolved.problems += missing_essentials(resolved.config)
-    data_line = None
+    data_line, rows = None, None
     if resolved.config is not None and not resolved.errors and resolved.config.data.dataset:
-        data_line, problem = _check_records(resolved.config, Path(args.config).resolve().parent)
+        data_line, problem, rows = _check_records(resolved.config, Path(args.config).resolve().parent)
         resolved.problems += [problem] if problem else []
     ok = not resolved.errors
     if args.json:
@@ -73,7 +73,7 @@ def run_check(args: argparse.Namespace) -> int:
     if data_line:
         print(data_line)
     if ok:
-        plan_line = _plan_verdict(resolved.config, Path(args.config).resolve().parent)
+        plan_line = _plan_verdict(resolved.config, rows)
         if plan_line:
             print(plan_line)
     _print_problems(resolved.problems)
@@ -92,15 +92,17 @@ def _check_records(config, config_dir: Path):
     try:
         summary = check_local_records(config, config_dir)
     except DataError as exc:
-        return None, Problem("error", "dataset", str(exc))
+        return None, Problem("error", "dataset", str(exc)), None
     if summary is None:
-        return "data: hub or saved datasets are read at `lmtune data` / `train`, not here", None
+        return "data: hub or saved datasets are read at `lmtune data` / `train`, not here", None, None
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary.formats.items())
-    return f"data: {summary.rows_read} rows read ({kinds}), {summary.train_rows} for training, {summary.val_rows} held out", None
+    line = f"data: {summary.rows_read} rows read ({kinds}), {summary.train_rows} for training, {summary.val_rows} held out"
+    return line, None, summary.train_rows
 
 
-def _plan_verdict(config, config_dir: Path) -> str | None:
-    """`lmtune plan`'s one line, when the model's config.json is here (builtin or a local folder: no download)."""
+def _plan_verdict(config, rows: int | None) -> str | None:
+    """`lmtune plan`'s one line, when the model's config.json is here (builtin or a local folder: no download);
+    `rows`: the training rows `check` has just read, for the run's length."""
     from .plan import PlanError, cpu_memory_gib, default_device, default_devices, make_plan, verdict
 
     base = config.model.base_model
@@ -108,7 +110,7 @@ def _plan_verdict(config, config_dir: Path) -> str | None:
         return None
     device = default_device()
     try:
-        plan = make_plan(config, device, default_devices(), cpu_memory_gib() if device == "cpu" else None, rows=_local_rows(config, config_dir))
+        plan = make_plan(config, device, default_devices(), cpu_memory_gib() if device == "cpu" else None, rows=rows)
     except PlanError:
         return None
     return f"plan: {verdict(plan)} (lmtune plan shows how)"
