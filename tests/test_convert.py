@@ -112,3 +112,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, content, message):
 def test_conversion_error_is_a_user_error():
     with pytest.raises(ConvertError):
         convert({"unknown_key": 1})
+
+
+def test_migrating_doc_is_generated_from_the_tables():
+    from lmtune.convert import migrating_markdown
+
+    assert (ROOT / "docs" / "migrating.md").read_text() == migrating_markdown(), "run: lmtune convert --markdown > docs/migrating.md"
+    assert "| `num_epochs` | `epochs` | same meaning |" in migrating_markdown()

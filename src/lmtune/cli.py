@@ -149,8 +149,14 @@ def run_plan(args: argparse.Namespace) -> int:
 
 @command("convert")
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, read_source, summary, to_yaml
+    from .convert import convert, migrating_markdown, read_source, summary, to_yaml
 
+    if args.markdown:
+        print(migrating_markdown(), end="")
+        return 0
+    if args.file is None:
+        print("error: convert: give the config file to convert", file=sys.stderr)
+        return 1
     source = Path(args.file)
     conversion = convert(read_source(source), args.source, Path(args.dataset_info) if args.dataset_info else None)
     text = to_yaml(conversion, source.name)
@@ -414,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the numbers, machine-readable")
 
     p = sub.add_parser("convert", help="an Axolotl, LLaMA-Factory, torchtune or JumpStart config as an lmtune config")
-    p.add_argument("file")
+    p.add_argument("file", nargs="?")
+    p.add_argument("--markdown", action="store_true", help="print the key tables of every tool (docs/migrating.md)")
     p.add_argument("--from", dest="source", choices=["axolotl", "llamafactory", "torchtune", "jumpstart"], default=None,
                    help="the tool that wrote it (default: detected)")
     p.add_argument("-o", "--out", help="write the lmtune config here (default: print it)")

@@ -444,3 +444,63 @@ def read_source(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConvertError(f"convert: {path} is not a config (expected a mapping of keys, found {type(raw).__name__})")
     return raw
+
+
+TRANSLATION_HOW = {
+    "bf16": "true or auto sets `precision: bf16`",
+    "fp16": "true sets `precision: fp16`",
+    "fp32": "true sets `precision: fp32`",
+    "mixed_precision": "`precision` (no -> fp32)",
+    "adapter": "`method`: lora or qlora; empty means full",
+    "load_in_4bit": "true sets `method: qlora`",
+    "quantization_bit": "4 sets `method: qlora`, 8 sets `int8_quantization`",
+    "rl": "`stage: dpo`, with ipo/orpo/simpo as `pref_loss`",
+    "lora_target_linear": "true sets `lora_target: [all]`",
+    "flash_attention": "true sets `attn_implementation: flash_attention_2`",
+    "sdp_attention": "true sets `attn_implementation: sdpa`",
+    "val_set_size": "a fraction becomes `validation_split_ratio`; a row count is refused with the fix",
+    "fsdp": "`enable_fsdp`, `fsdp_sharding_strategy`, `fsdp_offload_params`",
+    "fsdp_config": "`fsdp_sharding_strategy`, `fsdp_offload_params`",
+    "datasets": "each entry's `type` and `field_*` become a `dataset` entry's `format` and `columns`",
+    "test_datasets": "the same, as `validation_dataset`",
+    "special_tokens": "pad_token is ignored (lmtune pads with the tokenizer's own); changing other tokens is refused",
+}
+
+
+def migrating_markdown() -> str:
+    """docs/migrating.md: the key tables `convert` and `check` read other tools' configs with."""
+    lines = [
+        "# Moving to lmtune from other tools",
+        "",
+        "Generated from lmtune's translation tables (`lmtune convert --markdown > docs/migrating.md`).",
+        "`lmtune convert FILE -o my.yaml` applies them to a whole file and lists every key as mapped, changed",
+        "in meaning, ignored or unsupported; `lmtune check` reads the same keys directly. Keys a tool spells",
+        "as lmtune does (`lora_r`, `micro_batch_size`, `learning_rate`, ...) mean the same and are not listed.",
+        "",
+    ]
+    for tool in ("axolotl", "llamafactory", "torchtune", "jumpstart"):
+        label = aliases.TOOL_LABEL[tool]
+        renames = sorted((name, key) for name, (key, tools) in aliases.RENAMES.items() if tool in tools)
+        translated = sorted(name for name, owner in aliases.TRANSLATION_TOOL.items() if owner == tool)
+        lines += [f"## {label}", "", "| their key | lmtune setting | how |", "|---|---|---|"]
+        lines += [f"| `{name}` | `{key}` | same meaning |" for name, key in renames]
+        lines += [f"| `{name}` | by value | {TRANSLATION_HOW.get(name, 'translated by value')} |" for name in translated]
+        if tool == "llamafactory":
+            lines += ["| `warmup_steps` below 1 | `warmup_ratio` | a fraction of the run, not a step count |",
+                      "| `dataset` names | `dataset` entries | resolved through `--dataset-info dataset_info.json` (file, columns, formatting, ranking) |"]
+        if tool == "torchtune":
+            lines += [f"| `{theirs}` | `{ours}` | same meaning |" for theirs, ours in TORCHTUNE_PLAIN.items()]
+            lines += ["| `model` block | `method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target` | read from the builder's name and arguments |",
+                      "| `checkpointer.checkpoint_dir` | `base_model` | the Hugging Face checkpoint folder |",
+                      "| `optimizer` block | `optimizer`, `learning_rate`, `weight_decay`, `adam_*` | by the class it names |",
+                      "| `lr_scheduler` block | `lr_scheduler`, `warmup_steps` | by the function it names |",
+                      "| `loss` block | `stage: dpo`, `pref_loss`, `pref_beta`, `dpo_label_smoothing` | DPO, IPO, RSO (hinge), SimPO losses |",
+                      "| `dataset` block | `dataset` entries | by the builder (its source, column_map, split) |",
+                      "| `dtype` | `precision` | bf16 keeps fp32 master weights |",
+                      "| `max_steps_per_epoch` | `max_steps` | x epochs: lmtune caps the whole run |"]
+        lines.append("")
+    lines += ["## Read but without effect (any tool)", "", "| key | why |", "|---|---|"]
+    lines += [f"| `{name}` | {why} |" for name, why in sorted(aliases.IGNORED.items())]
+    lines += ["", "## Refused with the fix (any tool)", "", "| key | what to do |", "|---|---|"]
+    lines += [f"| `{name}` | {why} |" for name, why in sorted(aliases.UNSUPPORTED.items())]
+    return "\n".join(lines) + "\n"
