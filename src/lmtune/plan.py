@@ -19,7 +19,6 @@ Every figure is an estimate with its assumptions on the page:
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -21,8 +21,7 @@ import torch
 
 from ..config.schema import Config
 from ..data.batches import Batches
-from ..data.pipeline import prepare
-from ..model.load import context_length, load_model, load_model_config, load_tokenizer
+from ..model.load import load_model
 from ..model.methods import apply_method, parameter_counts
 from ..model.packed_attention import shares_prompts, switch_to_packed
 from ..stages import stage_for
@@ -94,14 +93,7 @@ def train(
     stage = stage_for(config)
 
     # -- data -----------------------------------------------------------------
-    # The data step checks max_input_length against the model's context before any weight loads.
-    run.phase("setup")
-    tokenizer = load_tokenizer(config)
-    run.phase("tokenizer")
-    data = prepare(config, tokenizer, context_length(load_model_config(config)), config_dir)
-    run.phase("data")
-    for line in data.summary.lines():
-        run.say(f"data: {line}")
+    tokenizer, data = run.tokenizer_and_data(config_dir)
 
     # -- model and method -----------------------------------------------------
     model = load_model(config, head=stage.head)

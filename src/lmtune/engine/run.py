@@ -175,6 +175,21 @@ class Run:
         self.startup[name] = round(now - self._phase_start, 4)
         self._phase_start = now
 
+    def tokenizer_and_data(self, config_dir: Optional[Path]) -> tuple[Any, Any]:
+        """The tokenizer and the tokenised data (from the cache when it holds them), each a timed phase.
+        The data step checks max_input_length against the model's context before any weight loads."""
+        from ..data.pipeline import prepare
+        from ..model.load import context_length, load_model_config, load_tokenizer
+
+        self.phase("setup")
+        tokenizer = load_tokenizer(self.config)
+        self.phase("tokenizer")
+        data = prepare(self.config, tokenizer, context_length(load_model_config(self.config)), config_dir)
+        self.phase("data")
+        for line in data.summary.lines():
+            self.say(f"data: {line}")
+        return tokenizer, data
+
     # -- optimisation ---------------------------------------------------------
 
     def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:

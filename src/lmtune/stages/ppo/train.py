@@ -19,18 +19,17 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import save_file
 
 from ...config.schema import Config
-from ...data.pipeline import prepare
 from ...engine.loop import eval_every
 from ...engine.run import LoopState, Run, RunResult, TrainingError, save_final
-from ...model.load import context_length, load_model, load_model_config, load_tokenizer
+from ...model.load import load_model
 from ...model.methods import apply_method, parameter_counts
-from .objective import AdaptiveKL, RunningMoments, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from .objective import AdaptiveKL, RunningMoments, gae, policy_loss, token_rewards, value_loss, whiten
 from .rewards import reward_source
 from .rollout import PolicyAndValue, Rollout, prompts_for, sample_answers, token_statistics
 
@@ -56,13 +55,7 @@ def train_ppo(
     run = Run(config, resume, quiet, state=PPOState(kl_coef=f.ppo_kl_coef))
 
     # -- prompts --------------------------------------------------------------
-    run.phase("setup")
-    tokenizer = load_tokenizer(config)
-    run.phase("tokenizer")
-    data = prepare(config, tokenizer, context_length(load_model_config(config)), config_dir)
-    run.phase("data")
-    for line in data.summary.lines():
-        run.say(f"data: {line}")
+    tokenizer, data = run.tokenizer_and_data(config_dir)
     prompts = [[int(t) for t in e["input_ids"]] for e in data.train]
     if not prompts:
         raise TrainingError("dataset: no prompt is left to roll out; see the data summary above")
