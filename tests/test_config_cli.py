@@ -130,7 +130,7 @@ def test_qlora_config_from_axolotl_resolves_as_qlora(capsys):
     main(["check", "--json", str(COMPAT / "axolotl" / "qlora.yml")])
     config = json.loads(capsys.readouterr().out)["config"]
     assert config["method"] == "qlora"
-    assert config["packing"] is True and config["max_input_length"] == 4096
+    assert config["pack_to_length"] is True and config["max_input_length"] == 4096  # sample_packing: rows filled to sequence_len
     assert config["lora_target"] == ["all"] and config["precision"] == "bf16"
 
 

@@ -70,7 +70,14 @@ def test_translations_change_meaning_not_just_names(tmp_path):
     assert s["method"] == "lora" and s["int8_quantization"] is True  # adapter: lora + load_in_8bit
     assert s["validation_split_ratio"] == 0.05 and s["optimizer"] == "adamw_8bit"
     assert s["dataset"] == [{"path": "mhenrichsen/alpaca_2k_test", "format": "instruction"}]
-    assert any(e.source_key == "sample_packing" and e.kind == "changed" for e in axolotl.entries)
+    assert s["pack_to_length"] is True and s["max_input_length"] == 4096  # sample_packing: rows filled to sequence_len
+    padded = convert(read_source(COMPAT / "axolotl" / "instruct-dpo-lora-8b.yml")).settings
+    assert padded["pack_to_length"] is False  # sample_packing: false
+    llamafactory_packed = convert({"model_name_or_path": "m", "packing": True, "cutoff_len": 256})
+    assert llamafactory_packed.settings["pack_to_length"] is True
+    assert any(e.source_key == "packing" and e.kind == "changed" and "see each other" in e.why for e in llamafactory_packed.entries)
+    neat = convert({"model_name_or_path": "m", "packing": False, "neat_packing": True, "cutoff_len": 256}).settings
+    assert neat["pack_to_length"] is True
     torchtune = convert(read_source(COMPAT / "torchtune" / "8B_lora_dpo.yaml")).settings
     assert torchtune["stage"] == "dpo" and torchtune["pref_beta"] == 0.1 and torchtune["method"] == "lora"
     assert torchtune["lora_target"] == ["q_proj", "v_proj", "o_proj", "mlp"] and torchtune["lora_r"] == 8

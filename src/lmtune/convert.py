@@ -212,8 +212,8 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
                 spec["split"] = block["split"]
             specs.append(spec)
             formats.add(fmt)
-            if block.get("packed"):
-                entries.append(Entry("dataset.packed", True, "unsupported", {}, "packing to a fixed length is not built yet; lmtune packs each micro batch without padding"))
+            if "packed" in block:
+                entries.append(Entry("dataset.packed", block["packed"], "mapped", {"pack_to_length": _truthy(block["packed"])}))
         entries.append(Entry("dataset", dataset, "changed", {"dataset": specs}, "torchtune dataset builders, read by what they load"))
     for theirs, ours in TORCHTUNE_PLAIN.items():
         if theirs in rest:
@@ -336,9 +336,15 @@ def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_in
         return Entry(name, value, "changed", {"precision": "bf16"}, "auto means bf16 where the device has it; lmtune's check refuses bf16 where it cannot run")
     if name in ("sample_packing", "packing", "neat_packing", "packed") and source in ("axolotl", "llamafactory", "torchtune"):
         if not _truthy(value):
-            return Entry(name, value, "changed", {"packing": False}, "batches padded, as asked")
-        return Entry(name, value, "changed", {}, f"{name} fills each row up to the sequence length; lmtune does not pack to a length yet, "
-                     "and batches each micro batch without padding by default (the same examples per step, no padding computed)")
+            if name == "neat_packing" or (name == "packing" and _truthy(raw.get("neat_packing"))):
+                return Entry(name, value, "mapped", {})  # the other of LLaMA-Factory's two packing keys decides
+            return Entry(name, value, "changed", {"pack_to_length": False},
+                         "examples are not packed to a length; lmtune still lays each micro batch out without padding (packing: false pads)")
+        if source == "llamafactory" and name == "packing" and not _truthy(raw.get("neat_packing")):
+            return Entry(name, value, "changed", {"pack_to_length": True},
+                         "packed to cutoff_len with each example attending only to itself (LLaMA-Factory's packing lets packed examples "
+                         "see each other; its neat_packing does not)")
+        return Entry(name, value, "mapped", {"pack_to_length": True})
     if source == "jumpstart" and name == "epoch":
         return Entry(name, value, "mapped", {"epochs": coerce_string(value)})
     return None
@@ -487,7 +493,8 @@ def migrating_markdown() -> str:
         lines += [f"| `{name}` | by value | {TRANSLATION_HOW.get(name, 'translated by value')} |" for name in translated]
         if tool == "llamafactory":
             lines += ["| `warmup_steps` below 1 | `warmup_ratio` | a fraction of the run, not a step count |",
-                      "| `dataset` names | `dataset` entries | resolved through `--dataset-info dataset_info.json` (file, columns, formatting, ranking) |"]
+                      "| `dataset` names | `dataset` entries | resolved through `--dataset-info dataset_info.json` (file, columns, formatting, ranking) |",
+                      "| `packing: true` | `pack_to_length: true` | by `convert`: rows filled to cutoff_len, each example attending only to itself (as neat_packing) |"]
         if tool == "torchtune":
             lines += [f"| `{theirs}` | `{ours}` | same meaning |" for theirs, ours in TORCHTUNE_PLAIN.items()]
             lines += ["| `model` block | `method`, `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target` | read from the builder's name and arguments |",

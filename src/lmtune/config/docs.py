@@ -227,6 +227,14 @@ def _packing(value: Optional[bool], c: Config) -> Optional[str]:
     return "examples share one padding-free row without seeing each other: no compute on padding"
 
 
+def _pack_to_length(value: bool, c: Config) -> Optional[str]:
+    length = "the model's context" if c.data.max_input_length == -1 else f"{c.data.max_input_length} tokens"
+    return (
+        f"rows of up to {length}, filled with whole examples; micro_batch_size {c.training.micro_batch_size} counts rows, "
+        "so each step trains as many examples as fit (`lmtune data` shows how many)"
+    )
+
+
 COMMENTS: dict[str, Comment] = {
     "learning_rate": _learning_rate,
     "adam_beta1": _beta1,
@@ -245,6 +253,7 @@ COMMENTS: dict[str, Comment] = {
     "max_input_length": _max_input_length,
     "validation_split_ratio": _validation_split_ratio,
     "packing": _packing,
+    "pack_to_length": _pack_to_length,
 }
 
 

@@ -236,6 +236,12 @@ def stage_needs(r: "Resolved") -> list[Problem]:
         )
     if d.packing is True and c.stage == "ppo":
         out.append(Problem("error", "packing", "packing applies to pt, sft, rm and dpo, not ppo's rollouts; set packing: false"))
+    if d.pack_to_length and c.stage not in ("pt", "sft"):
+        out.append(Problem("error", "pack_to_length", f"rows packed to a length are for pt and sft, not {c.stage}; set pack_to_length: false"))
+    elif d.pack_to_length and d.packing is False:
+        out.append(Problem("error", "pack_to_length", "rows packed to a length are laid out without padding; remove packing: false, or set pack_to_length: false"))
+    elif d.pack_to_length and d.group_by_length:
+        out.append(Problem("warning", "group_by_length", "ignored with pack_to_length: rows are filled with examples of mixed lengths"))
     if c.reward_model and c.stage != "ppo":
         out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
     if c.reward_function and c.stage != "ppo":

@@ -486,8 +486,18 @@ class DataArgs(Group):
         "same as with padded batches. Unset means on wherever the model's attention can be "
         "kept exact per example (off with a note otherwise); true insists (an error where it "
         "cannot be exact); false pads each batch to its longest example.",
+    )
+    pack_to_length: bool = setting(
+        False,
+        "Gather examples into rows of up to `max_input_length` tokens, as many whole examples "
+        "per row as fit, and make `micro_batch_size` count rows instead of examples: short "
+        "examples then train many to a step. Each example still attends only to itself, with "
+        "its positions restarting, and the loss stays normalised per trained token. This is "
+        "what Axolotl's sample_packing, LLaMA-Factory's neat_packing and torchtune's packed do; "
+        "pt and sft only.",
+        more="More examples per step and fewer steps per epoch; set max_input_length to the row length you want.",
         axolotl=("sample_packing",),
-        llamafactory=("packing",),
+        llamafactory=("neat_packing",),
         torchtune=("packed",),
     )
     group_by_length: bool = setting(

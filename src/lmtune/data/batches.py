@@ -1,9 +1,13 @@
-"""Examples into batches: padded, grouped by length, or packed.
+"""Examples into batches: padded, grouped by length, packed, or packed to a length.
 
 A packed micro batch is one row without padding: its examples back to back,
 positions restarting per example, and `cu_seq_lens` marking where each starts.
 The attention (model/packed_attention.py) keeps each example to itself, so the
 loss equals the unpacked loss.
+
+Packed to a length (`pack_to_length`), examples are first gathered into rows of
+at most `max_input_length` tokens, and a micro batch is `micro_batch_size` such
+rows: the meaning of Axolotl's sample_packing and torchtune's packed.
 """
 
 from __future__ import annotations
@@ -159,13 +163,40 @@ def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[st
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def pack_rows(lengths: Sequence[int], row_length: int, seed: int) -> list[list[int]]:
+    """Example indices gathered into rows of at most `row_length` tokens.
+
+    The examples are taken in a seeded shuffled order and each goes into the
+    first row with room for it (first fit), so rows mix lengths and fill well.
+    The rows are fixed for the whole run (the step count is known up front);
+    each epoch shuffles their order.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed * 1_000_003 - 1).shuffle(order)
+    room = np.empty(0, dtype=np.int64)
+    rows: list[list[int]] = []
+    for index in order:
+        length = min(lengths[index], row_length)
+        fits = np.flatnonzero(room >= length)
+        if fits.size:
+            row = int(fits[0])
+        else:
+            row = len(rows)
+            rows.append([])
+            room = np.append(room, row_length)
+        rows[row].append(index)
+        room[row] -= length
+    return rows
+
+
 class Batches:
     """One epoch's micro batches, reproducible from (seed, epoch), resumable from a position.
 
     A micro batch is `micro_batch_size` examples whether packed or not: packing
     only changes how they are laid out (one padding-free row instead of a padded
     block), never which examples are trained together, so it cannot change what
-    is learned.
+    is learned. With `pack_length` a micro batch is `micro_batch_size` rows of up
+    to that many tokens each (see `pack_rows`), laid out padding-free.
     """
 
     def __init__(
@@ -179,8 +210,12 @@ class Batches:
         shuffle: bool = True,
         seed: int = 0,
         share_prompts: bool = False,
+        pack_length: Optional[int] = None,
     ):
         self.examples = examples
+        self.pack_length = pack_length
+        # Without pack_length every example is a row of its own.
+        self.rows = pack_rows(lengths_of(examples), pack_length, seed) if pack_length else [[i] for i in range(len(examples))]
         self.share_prompts = share_prompts and packing  # pairs only: see shared_prompt_batch
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
@@ -190,15 +225,25 @@ class Batches:
         self.group_by_length = group_by_length
 
     def __len__(self) -> int:
-        return (len(self.examples) + self.micro_batch_size - 1) // self.micro_batch_size
+        return (len(self.rows) + self.micro_batch_size - 1) // self.micro_batch_size
+
+    def fill(self) -> float:
+        """Packed to a length: the share of the rows' positions that hold tokens."""
+        if not self.pack_length:
+            return 1.0
+        return sum(lengths_of(self.examples)) / (len(self.rows) * self.pack_length)
+
+    def examples_per_micro_batch(self) -> float:
+        return len(self.examples) / max(len(self), 1)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
+        """The rows of this epoch, in order (with no pack_length a row is one example)."""
+        order = list(range(len(self.rows)))
         if not self.shuffle:
             return order
         rng = random.Random(self.seed * 1_000_003 + epoch)
         rng.shuffle(order)
-        if self.group_by_length:
+        if self.group_by_length and not self.pack_length:
             # Sort within mega-batches of 50 micro batches: similar lengths together, still shuffled.
             lengths = lengths_of(self.examples)
             size = self.micro_batch_size * 50
@@ -221,10 +266,14 @@ class Batches:
             total += max(lengths) * len(lengths)
         return 1 - real / total if total else 0.0
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, epoch: int, skip: int = 0, rank: int = 0, ranks: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """The micro batches of `epoch` after the first `skip`. With several processes, process `rank`
+        of `ranks` takes every `ranks`-th of them, so the global order is the same for any process count."""
         order = self._order(epoch)
-        for start in range(skip * self.micro_batch_size, len(order), self.micro_batch_size):
-            yield self.collate([self.examples[i] for i in order[start : start + self.micro_batch_size]])
+        size = self.micro_batch_size
+        for number in range(skip + rank, len(self), ranks):
+            rows = order[number * size : (number + 1) * size]
+            yield self.collate([self.examples[i] for row in rows for i in self.rows[row]])
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pairs = "chosen_input_ids" in examples[0]
@@ -240,3 +289,20 @@ class Batches:
             if "ref_logps" in examples[0]:  # dpo's reference log-probabilities, computed before training
                 batch["ref_logps"] = torch.tensor([list(map(float, e["ref_logps"])) for e in examples], dtype=torch.float32)
         return batch
+
+
+def batch_layout(batches: Batches, micro_per_step: int) -> str:
+    """One line on how training batches are laid out (start of `train`, `lmtune data`)."""
+    if batches.pack_length:
+        per_step = batches.examples_per_micro_batch() * micro_per_step
+        return (
+            f"packed to {batches.pack_length} tokens per row: {len(batches.examples):,} examples in {len(batches.rows):,} rows "
+            f"({len(batches.examples) / max(len(batches.rows), 1):.1f} per row, {batches.fill():.1%} of the positions filled), "
+            f"{per_step:.1f} examples per step"
+        )
+    if batches.packing:
+        shown = "packed without padding"
+        if batches.share_prompts:
+            shown += ", each pair's prompt computed once"
+        return shown
+    return f"padding {batches.padding_fraction():.1%} of the positions"

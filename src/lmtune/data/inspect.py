@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..config.schema import Config
-from .batches import IGNORE, Batches
+from .batches import IGNORE, Batches, batch_layout
 from .pipeline import prepare
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -55,11 +55,15 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
         seed = config.training.seed
         padded = Batches(data.train, size, tokenizer.pad_token_id, seed=seed).padding_fraction()
         grouped = Batches(data.train, size, tokenizer.pad_token_id, seed=seed, group_by_length=True).padding_fraction()
-        layout = (
-            "training pads each batch (packing: false)" if config.data.packing is False
-            else "training packs each batch without padding (the default; packing: false pads)"
-        )
-        print(f"padding if batches of {size} were padded: {padded:.1%} of positions, {grouped:.1%} grouped by length; {layout}")
+        if config.data.pack_to_length:
+            rows = Batches(data.train, size, tokenizer.pad_token_id, seed=seed, packing=True, pack_length=data.summary.max_len)
+            print(f"training batches: {size} row(s) each, {batch_layout(rows, config.training.gradient_accumulation_steps)}")
+        else:
+            layout = (
+                "training pads each batch (packing: false)" if config.data.packing is False
+                else "training packs each batch without padding (the default; packing: false pads)"
+            )
+            print(f"padding if batches of {size} were padded: {padded:.1%} of positions, {grouped:.1%} grouped by length; {layout}")
     color = sys.stdout.isatty()
     for number, example in enumerate(data.train[:show], 1):
         print(f"\n--- example {number} ({'trained tokens in green' if color else 'trained tokens in [[ ]]'})")

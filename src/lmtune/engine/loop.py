@@ -20,10 +20,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config.schema import Config
-from ..data.batches import Batches
+from ..data.batches import Batches, batch_layout
 from ..model.load import load_model
 from ..model.methods import apply_method, parameter_counts
-from ..model.packed_attention import shares_prompts, switch_to_packed
+from ..model.packed_attention import shares_prompts, switch_to_packed, switch_to_packed_rows
 from ..stages import stage_for
 from .run import (  # noqa: F401  (TrainingError: the name tests and callers import from here)
     LoopState,
@@ -98,18 +98,20 @@ def train(
     # -- model and method -----------------------------------------------------
     model = load_model(config, head=stage.head)
     run.phase("model load")
-    packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
-    if packing_note:
-        run.note(packing_note, "packing")
-    layout: dict[str, Any] = {"packing": packing}
+    layout: dict[str, Any] = {}
+    if config.data.pack_to_length:
+        switch_to_packed_rows(model)
+        layout.update(packing=True, pack_length=data.summary.max_len)
+    else:
+        packing, packing_note = switch_to_packed(model, config.data.packing if stage.packs else False)
+        if packing_note:
+            run.note(packing_note, "packing")
+        layout["packing"] = packing
     if getattr(stage, "shares_prompts", False):
-        layout["share_prompts"] = packing and shares_prompts(model)
+        layout["share_prompts"] = layout["packing"] and shares_prompts(model)
     train_batches = stage.batches(data.train, config, tokenizer, shuffle=True, **layout)
     eval_batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, **layout) if data.val else None
-    shown = "packed without padding" if packing else f"padding {train_batches.padding_fraction():.1%} of the positions"
-    if layout.get("share_prompts"):
-        shown += ", each pair's prompt computed once"
-    run.say(f"data: training batches {shown}")
+    run.say(f"data: training batches {batch_layout(train_batches, t.gradient_accumulation_steps * run.accelerator.num_processes)}")
     model = apply_method(model, config)
     trainable, total = parameter_counts(model)
     if trainable == 0:

@@ -245,6 +245,15 @@ def switch_to_packed(model: Any, setting: Optional[bool]) -> tuple[bool, Optiona
     return True, None
 
 
+def switch_to_packed_rows(model: Any) -> None:
+    """pack_to_length: rows of several examples need the per-example attention; where it is not exact, say so."""
+    try:
+        use_packed_attention(model)
+    except PackingNotExact as exc:
+        reason = str(exc).removeprefix("packing: ").rsplit("; set packing: false", 1)[0]
+        raise PackingNotExact(f"pack_to_length: {reason}; set pack_to_length: false") from None
+
+
 def shares_prompts(model: Any) -> bool:
     """Whether preference pairs may share their prompt in one packed segment: lmtune's own packed attention
     computes the branch exactly (flash attention's varlen kernels take no such layout)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -16,8 +16,10 @@ class CausalLM:
     head = "lm"
     unit = "tokens"  # what `count` counts, and what the loss is averaged over
 
-    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False) -> Batches:
-        """Micro batches laid out as one padding-free row each (packing), or padded to their longest example."""
+    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False,
+                pack_length: Optional[int] = None) -> Batches:
+        """Micro batches laid out as one padding-free row each (packing), or padded to their longest example;
+        with `pack_length`, micro batches of rows filled with examples up to that many tokens."""
         t = config.training
         return Batches(
             examples,
@@ -27,6 +29,8 @@ class CausalLM:
             group_by_length=config.data.group_by_length and not for_eval,
             shuffle=shuffle,
             seed=t.seed,
+            # Evaluation takes examples as they come; only training rows are filled to a length.
+            pack_length=pack_length if packing and not for_eval else None,
         )
 
     def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
