@@ -93,7 +93,8 @@ def test_translations_change_meaning_not_just_names(tmp_path):
 def test_unsupported_keys_are_reported_by_name(capsys):
     conversion = convert(read_source(COMPAT / "llamafactory" / "qwen3_full_sft_fsdp.yaml"))
     unsupported = {e.source_key for e in conversion.of_kind("unsupported")}
-    assert {"attn", "enable_liger_kernel", "report_to"} <= unsupported
+    assert {"attn", "enable_liger_kernel"} <= unsupported
+    assert conversion.settings["report_to"] == ["wandb"]  # report_to: wandb
     special = convert(read_source(COMPAT / "axolotl" / "instruct-dpo-lora-8b.yml"))
     assert "special_tokens" in {e.source_key for e in special.of_kind("unsupported")}
 

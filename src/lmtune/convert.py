@@ -326,11 +326,16 @@ def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_in
         return Entry(name, value, "ignored", {}, "fused flash-attention kernels are chosen by attn_implementation")
     if name == "report_to":
         wanted = [value] if isinstance(value, str) else list(value or [])
-        kept = [t for t in wanted if t in ("tensorboard", "jsonl")]
-        dropped = [t for t in wanted if t not in ("tensorboard", "jsonl", "none")]
+        known = ("tensorboard", "jsonl", "wandb", "mlflow", "stdout")
+        kept = [t for t in wanted if t in known]
+        dropped = [t for t in wanted if t not in (*known, "none", "all")]
+        if "all" in wanted:
+            kept = ["jsonl", "tensorboard"]
+            return Entry(name, value, "changed", {"report_to": kept}, "all means every installed integration in transformers; "
+                         "lmtune writes metrics.jsonl and TensorBoard (add wandb or mlflow by name)")
         if dropped:
             return Entry(name, value, "unsupported", {"report_to": kept} if kept else {},
-                         f"{', '.join(dropped)}: not built in yet; metrics go to metrics.jsonl (and TensorBoard)")
+                         f"{', '.join(dropped)}: not built in; lmtune reports to {', '.join(known)}")
         return Entry(name, value, "mapped", {"report_to": kept})
     if source == "axolotl" and name == "bf16" and str(value).lower() == "auto":
         return Entry(name, value, "changed", {"precision": "bf16"}, "auto means bf16 where the device has it; lmtune's check refuses bf16 where it cannot run")

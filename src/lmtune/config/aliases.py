@@ -292,11 +292,8 @@ IGNORED: dict[str, str] = {
     "strict": "lmtune always validates every key",
     "save_safetensors": "lmtune always saves safetensors",
     "logging_dir": "logs go into output_dir",
-    "wandb_project": "Weights & Biases logging is not built in; metrics go to metrics.jsonl and TensorBoard",
-    "wandb_entity": "Weights & Biases logging is not built in",
-    "wandb_watch": "Weights & Biases logging is not built in",
-    "wandb_name": "Weights & Biases logging is not built in",
-    "wandb_log_model": "Weights & Biases logging is not built in",
+    "wandb_watch": "gradient histograms are not sent to wandb; metrics, config and the final model's path are",
+    "wandb_log_model": "the model is not uploaded to wandb; its path is recorded in the run's summary",
     "lora_model_dir": "resume an adapter run with resume_from_checkpoint",
     "lora_fan_in_fan_out": "lmtune reads the layer layout from the model",
     "xformers_attention": "lmtune picks SDPA or flash attention (attn_implementation)",
@@ -323,7 +320,6 @@ IGNORED: dict[str, str] = {
     "enable_activation_offloading": "not built in; use gradient_checkpointing",
     "apply_lora_to_mlp": "use lora_target",
     "apply_lora_to_output": "use lora_target",
-    "run_name": "the run is named by output_dir",
 }
 
 # Keys whose use lmtune refuses, with what to do instead. An empty or false
@@ -334,7 +330,7 @@ UNSUPPORTED: dict[str, str] = {
     "enable_liger_kernel": "Liger kernels are not built in yet; remove the key",
     "use_liger_kernel": "Liger kernels are not built in yet; remove the key",
     "attn": "use attn_implementation (eager, sdpa, flash_attention_2)",
-    "report_to_wandb": "Weights & Biases logging is not built in",
+    "report_to_wandb": "write report_to: wandb",
     "push_to_hub": "uploading is not built in; push the run's final/ folder yourself",
     "hub_model_id": "uploading is not built in; push the run's final/ folder yourself",
     "unsloth_lora_mlp": "Unsloth kernels are not supported",

@@ -370,6 +370,23 @@ def outputs_and_safety(r: "Resolved") -> list[Problem]:
         )
     if r.config.distributed.fsdp_offload_params and not r.config.distributed.enable_fsdp:
         out.append(Problem("warning", "fsdp_offload_params", "ignored: enable_fsdp is false"))
+    out += _trackers(r)
+    return out
+
+
+def _trackers(r: "Resolved") -> list[Problem]:
+    """A tracker the run would report to whose package is missing: found here, before any model loads."""
+    import importlib.util
+
+    o = r.config.output
+    out = []
+    for tracker, module, key in (("wandb", "wandb", "wandb_project"), ("mlflow", "mlflow", "mlflow_tracking_uri")):
+        if tracker in o.report_to or getattr(o, key):
+            if importlib.util.find_spec(module) is None:
+                named = "report_to" if tracker in o.report_to else key
+                out.append(Problem("error", named, f"{tracker} is not installed; pip install 'lmtune[{tracker}]'"))
+    if "none" in o.report_to and len(o.report_to) > 1:
+        out.append(Problem("warning", "report_to", "none is listed with other trackers; the others are used"))
     return out
 
 

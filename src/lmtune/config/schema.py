@@ -825,10 +825,36 @@ class OutputArgs(Group):
         axolotl=("resume_from_checkpoint",),
         llamafactory=("resume_from_checkpoint",),
     )
-    report_to: list[Literal["none", "tensorboard", "jsonl"]] = setting(
+    report_to: list[Literal["none", "jsonl", "tensorboard", "wandb", "mlflow", "stdout"]] = setting(
         ["jsonl"],
-        "Where metrics go besides the progress bar: `jsonl` (always written), `tensorboard`.",
+        "Where metrics go besides the progress bar: `jsonl` (metrics.jsonl, always written), "
+        "`tensorboard`, `wandb` (Weights & Biases; `pip install 'lmtune[wandb]'`), `mlflow` "
+        "(`pip install 'lmtune[mlflow]'`), `stdout` (one `name=value` line per metric, what "
+        "SageMaker metric definitions read). Trackers get the resolved config as the run's "
+        "parameters, every logged metric, and the final model's path.",
         llamafactory=("report_to",),
+    )
+    run_name: Optional[str] = setting(
+        None,
+        "The run's name in wandb and mlflow; unset means the output_dir's folder name.",
+        axolotl=("wandb_name", "mlflow_run_name"),
+        llamafactory=("run_name",),
+    )
+    wandb_project: Optional[str] = setting(
+        None,
+        "Weights & Biases project; setting it turns wandb on (as in Axolotl). Unset means `lmtune`. "
+        "WANDB_MODE=offline keeps the run on disk.",
+        axolotl=("wandb_project",),
+    )
+    wandb_entity: Optional[str] = setting(None, "Weights & Biases team or user the run belongs to.", axolotl=("wandb_entity",))
+    mlflow_tracking_uri: Optional[str] = setting(
+        None,
+        "MLflow tracking server or store (`file:./mlruns`, `http://host:5000`); setting it turns mlflow on "
+        "(as in Axolotl). Unset means MLFLOW_TRACKING_URI, or MLflow's own default.",
+        axolotl=("mlflow_tracking_uri",),
+    )
+    mlflow_experiment_name: Optional[str] = setting(
+        None, "MLflow experiment the run is recorded in; unset means `lmtune`.", axolotl=("mlflow_experiment_name",)
     )
     plot_loss: bool = setting(
         True,

@@ -8,34 +8,31 @@ from typing import Any, Optional
 
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl; mirrors to TensorBoard when asked and installed."""
+    """Appends one JSON object per event to metrics.jsonl, and passes each to the run's trackers
+    (engine/trackers.py). Only the main process writes."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
+    def __init__(self, run_dir: Path, config: Any = None, enabled: bool = True, resumed: bool = False):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self.writer = None
-        self.note: Optional[str] = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.trackers: list[Any] = []
+        self.notes: list[str] = []
+        if enabled and config is not None:
+            from .trackers import open_trackers
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                self.note = "report_to: tensorboard is not installed (pip install 'lmtune[tensorboard]'); metrics.jsonl only"
+            self.trackers, self.notes = open_trackers(config, run_dir, resumed)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, final_model: Optional[Path] = None) -> None:
+        for tracker in self.trackers:
+            tracker.close(final_model)
+        self.trackers = []
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

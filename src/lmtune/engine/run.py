@@ -254,9 +254,9 @@ class Run:
             self.say(f"resumed from {path} at step {self.state.global_step}")
         elif self.main:
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.log = MetricsLog(self.dir, "tensorboard" in self.config.output.report_to, enabled=self.main)
-        if self.log.note:
-            self.notes.append(self.log.note)
+        self.log = MetricsLog(self.dir, self.config, enabled=self.main, resumed=bool(self.resume_from))
+        for note in self.log.notes:
+            self.note(note)
 
     def save_checkpoint(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -286,7 +286,7 @@ class Run:
         if self.main:
             save(final_dir)
         if self.log is not None:
-            self.log.close()
+            self.log.close(final_dir)
         if self.main and self.config.output.plot_loss:
             note = plot_loss(self.dir / "metrics.jsonl", self.dir / "plots" / "loss.png")
             if note:
