@@ -468,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--out", help="where to write (default: RUN/merged)")
 
+    p = sub.add_parser("sagemaker", help="a SageMaker training job's entry point (reads /opt/ml or $SAGEMAKER_BASE_DIR)",
+                       description="Train as a SageMaker training job: hyperparameters from hyperparameters.json, SM_HPS "
+                       "and --name value flags; data from the train/validation channels; the base model from the model "
+                       "channel or base_model. See docs/sagemaker.md.")
+    p.add_argument("hyperparameters", nargs="*", help="--name value pairs, as the SageMaker toolkit passes them")
+
     p = sub.add_parser("quickstart", help="an offline fine-tuning run from start to end, in a few minutes")
     p.add_argument("--out", default="runs/quickstart", help="where the data, config and run go")
     return parser
@@ -476,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     """`own_process`: this process runs this one command, so process-wide choices
     (which optional libraries to load) are safe to make."""
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["sagemaker"] and given[1:2] not in (["-h"], ["--help"]):
+        from .sagemaker import main as sagemaker_main  # its flags are the job's hyperparameters, not ours
+
+        return sagemaker_main(given[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     args.own_process = own_process

@@ -907,7 +907,7 @@ class GenerationArgs(Group):
 
 
 class SageMakerArgs(Group):
-    """Reserved hyperparameters a SageMaker job passes along; recorded, not used for training."""
+    """Reserved hyperparameters a SageMaker job passes along (recorded), and what the entry point writes."""
 
     sagemaker_job_name: Optional[str] = setting(None, "SageMaker: the training job's name (recorded).")
     sagemaker_program: Optional[str] = setting(None, "SageMaker: the entry script's name (recorded).")
@@ -916,7 +916,13 @@ class SageMakerArgs(Group):
         None, "SageMaker: where the job's source archive came from (recorded)."
     )
     sagemaker_container_log_level: Optional[int] = setting(
-        None, "SageMaker: Python logging level of the container (10 debug ... 40 error); applied to the run's loggers."
+        None, "SageMaker: Python logging level of the container (10 debug ... 40 error): lmtune's own log level; "
+        "libraries' loggers follow it only above warning, so their debug output never floods the job's log."
+    )
+    merge_adapter: bool = setting(
+        True,
+        "SageMaker entry point: a LoRA run's model directory gets the adapter merged into its base, a whole "
+        "model as JumpStart's fine-tuning leaves it (deployable as is); false writes the PEFT adapter alone.",
     )
 
 

@@ -83,7 +83,9 @@ def make_accelerator(config: Config) -> Any:
     if config.precision.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if config.distributed.enable_fsdp:
+    import os
+
+    if config.distributed.enable_fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TrainingError(
             "enable_fsdp: FSDP sharding is not in this version yet; train on one device, "
             "or launch several processes with `accelerate launch` / `torchrun` for data parallelism"
@@ -102,13 +104,24 @@ def _quiet_libraries(config: Config) -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
     level = config.sagemaker.sagemaker_container_log_level
-    if level is not None:  # a SageMaker job's logging level applies to the libraries' loggers too
+    if level is not None:
         import logging
 
         from transformers.utils import logging as hf_logging
 
-        logging.getLogger().setLevel(level)
-        hf_logging.set_verbosity(level)
+        # A SageMaker job's level is lmtune's own. The libraries' loggers take it only above warning: their
+        # info and debug output (config dumps, HTTP requests, file locks) would bury the job's log.
+        library_level = max(level, logging.WARNING)
+        logging.getLogger("lmtune").setLevel(level)
+        logging.getLogger().setLevel(library_level)
+        hf_logging.set_verbosity(library_level)
+
+
+def in_sagemaker_job() -> bool:
+    """Inside a SageMaker training container: no progress bar (its log keeps every redraw)."""
+    import os
+
+    return "SM_CURRENT_HOST" in os.environ or "SM_TRAINING_ENV" in os.environ
 
 
 class Run:
@@ -123,6 +136,9 @@ class Run:
         seed_everything(config.training.seed)
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
+        if config.distributed.enable_fsdp and self.accelerator.num_processes == 1:
+            self.notes.append("one process: nothing to shard, so this trains as a single-process run")
+            self.say(f"note: enable_fsdp: {self.notes[-1]}")
         self.dir = Path(config.output.output_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.resume_from = resume or config.output.resume_from_checkpoint
@@ -166,7 +182,8 @@ class Run:
         """The progress bar, from the step the run resumes at."""
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=self.state.global_step, desc=desc, unit=unit, disable=self.quiet or not self.main)
+        hidden = self.quiet or not self.main or in_sagemaker_job()
+        self.bar = tqdm(total=total, initial=self.state.global_step, desc=desc, unit=unit, disable=hidden)
         return self.bar
 
     def phase(self, name: str) -> None:
