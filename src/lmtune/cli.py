@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -238,6 +239,12 @@ def _valid_config(args: argparse.Namespace):
 @command("train")
 def run_train(args: argparse.Namespace) -> int:
     config = _valid_config(args)
+    from .launch import launch, launched
+
+    if (args.nproc > 1 or args.nnodes > 1) and not launched():
+        command = ["-m", "lmtune", "train", args.config, *(f"--set={item}" for item in args.set or [])]
+        command += [f"--resume={args.resume}"] if args.resume else []
+        return launch(command, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if args.own_process:
         from .model.unused_imports import skip_bitsandbytes_unless_needed
 
@@ -245,6 +252,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .engine.loop import train
 
     result = train(config, Path(args.config).resolve().parent, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the main process reports for all
     print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} trained tokens/s)")
     if result.train_loss is not None:
         print(f"  last train loss {result.train_loss:.4f}" + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
@@ -437,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue the run in output_dir from its latest checkpoint, or from CHECKPOINT")
+    launch = p.add_argument_group("several processes (data parallel, or FSDP with enable_fsdp)")
+    launch.add_argument("--nproc", type=int, default=1, metavar="N", help="processes on this host (one per GPU; on CPU, gloo)")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="N", help="hosts taking part (run the same command on each)")
+    launch.add_argument("--node-rank", type=int, default=0, metavar="I", help="this host's number, 0 to nnodes-1")
+    launch.add_argument("--master-addr", default=None, metavar="HOST", help="host 0's address (default MASTER_ADDR, or this host)")
+    launch.add_argument("--master-port", type=int, default=None, metavar="PORT", help="default MASTER_PORT, or 29500 across hosts")
 
     p = sub.add_parser("data", help="what the data step makes of your files, without training")
     p.add_argument("config")
@@ -495,11 +510,18 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         return 0
     from .errors import UserError
 
+    from .launch import launched, record_failure
+
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        record_failure(str(exc))
         return 1
+    except Exception as exc:  # a bug: the traceback stays; a launch still names the process that failed
+        if launched():
+            record_failure(f"internal error ({type(exc).__name__}): {exc}")
+        raise
 
 
 def entry() -> int:

@@ -762,16 +762,19 @@ class PrecisionArgs(Group):
 class DistributedArgs(Group):
     enable_fsdp: bool = setting(
         False,
-        "Shard parameters, gradients and optimizer states across devices with "
-        "PyTorch FSDP, so models too large for one device can train. (Validated "
-        "now; `train` refuses it until sharding lands.)",
+        "Shard parameters, gradients and optimizer states across processes with "
+        "PyTorch FSDP2 (one unit per decoder block), so models too large for one device "
+        "can train; launch with `lmtune train --nproc N` (or torchrun / accelerate launch). "
+        "With one process it trains as a single-process run, with a note. Not with qlora "
+        "or int8 bases; pt, sft and rm.",
         jumpstart=("enable_fsdp",),
     )
     fsdp_sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = setting(
         "full_shard",
         "With FSDP: what is sharded. `full_shard` shards everything (least "
         "memory), `shard_grad_op` keeps parameters whole between passes, "
-        "`hybrid_shard` shards within a host and replicates across hosts.",
+        "`hybrid_shard` shards within a host and replicates across hosts, `no_shard` "
+        "keeps whole copies (data parallelism).",
     )
     fsdp_offload_params: bool = setting(
         False,

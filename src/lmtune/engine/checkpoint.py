@@ -28,10 +28,6 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the configured model and method."""
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _numpy_state() -> list[Any]:
     """numpy's RNG state in types `torch.load(weights_only=True)` accepts."""
     name, keys, position, has_gauss, cached = np.random.get_state()
@@ -61,18 +57,20 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save(
     folder: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     loop_state: dict[str, Any],
     scaler: Optional[Any] = None,
 ) -> Path:
+    """`weights`: the trainable tensors by name; `optimizer_state`: keyed by parameter name (engine/distributed.py
+    gathers both whole, so the checkpoint is the same for any process count)."""
     target = folder / f"{PREFIX}{step}"
     with staged_folder(target) as staging:
-        save_file(trainable_state(model), staging / "trainable.safetensors")
+        save_file(weights, staging / "trainable.safetensors")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),
@@ -103,7 +101,9 @@ def prune(folder: Path, keep: int, protect: Optional[str] = None) -> None:
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """A checkpoint's trainable weights into a model built with the same model and method."""
+    """A checkpoint's trainable weights into a model built with the same model and method (sharded or not)."""
+    from .distributed import load_full_weights
+
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
@@ -111,9 +111,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(
             f"checkpoint: {path} does not match this config's model and method (it holds {missing[0]}, which the model lacks)"
         )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device))
+    load_full_weights(model, weights)
 
 
 def load(
@@ -122,7 +120,9 @@ def load(
     load_weights(path, model)
     # weights_only: a checkpoint handed over by someone else cannot run code when loaded.
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    from .distributed import load_full_optimizer_state
+
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -121,7 +120,9 @@ def train(
 
     # -- optimisation ---------------------------------------------------------
     accum = t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_batches) / accum)
+    rank, world = run.accelerator.process_index, run.accelerator.num_processes
+    micro_per_step = accum * world  # each process takes every world-th micro batch of one global order
+    steps_per_epoch = math.ceil(len(train_batches) / micro_per_step)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     model = run.prepare(model, total_steps)
     accelerator = run.accelerator
@@ -158,37 +159,43 @@ def train(
     window_metrics: dict[str, float] = {}
     window_start = time.perf_counter()
     last_loss: Optional[float] = None
-    world = accelerator.num_processes
+    spare: Optional[dict[str, torch.Tensor]] = None  # a batch for the passes a process runs with weight 0
     while state.global_step < total_steps and not state.stopped_early:
-        micro = train_batches.epoch(state.epoch, skip=state.micro_in_epoch)
+        micro = train_batches.epoch(state.epoch, skip=state.micro_in_epoch, rank=rank, ranks=world)
         while state.global_step < total_steps:
-            group = [b for _, b in zip(range(accum), micro)]
-            if not group:
+            step_micro = min(micro_per_step, len(train_batches) - state.micro_in_epoch)
+            if step_micro <= 0:
                 break
+            group = [next(micro) for _ in range(rank, step_micro, world)]
+            # At an epoch's end some processes have one micro batch fewer: they run a pass with weight 0,
+            # so every process joins the same gradient exchanges (no hang, no change to the gradients).
+            passes = len(range(0, step_micro, world))
+            spare = group[-1] if group else spare if spare is not None else train_batches.collate(train_batches.examples[:1])
             # Normalise by the trained tokens of the whole accumulated batch (over all processes),
             # so accumulation and data parallelism give the gradients of one big batch.
-            tokens = sum(stage.count(b) for b in group)
-            state.real_tokens += sum(real_tokens(b) for b in group)
-            global_tokens = tokens
+            counts = torch.tensor([sum(stage.count(b) for b in group), sum(real_tokens(b) for b in group)], device=accelerator.device)
             if world > 1:
-                global_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
-            scale = world / max(global_tokens, 1)
+                counts = accelerator.reduce(counts, "sum")
+            tokens, computed = (int(c) for c in counts.tolist())
+            state.real_tokens += computed
+            scale = world / max(tokens, 1)
             step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             step_metrics: dict[str, torch.Tensor] = {}
-            for index, batch in enumerate(group):
-                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                last = index == len(group) - 1
-                with accelerator.no_sync(model) if (world > 1 and not last) else nullcontext():
+            for index in range(passes):
+                weight = scale if index < len(group) else 0.0
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in (group[index] if weight else spare).items()}
+                with run.no_sync(last=index == passes - 1):
                     with accelerator.autocast():
                         summed, metrics = stage.summed_loss(model, batch)
-                    accelerator.backward(summed * scale)
-                step_loss += summed.detach().double()
+                    accelerator.backward(summed * weight)
+                counted = 1.0 if weight else 0.0  # a weight-0 pass adds zeros, so every process sums the same metric names
+                step_loss += summed.detach().double() * counted
                 for name, value in metrics.items():
-                    step_metrics[name] = step_metrics.get(name, 0) + value.detach().double()
+                    step_metrics[name] = step_metrics.get(name, 0) + value.detach().double() * counted
             summed_value, norm_value, metric_values = run.optimizer_step(step_loss, tokens, list(step_metrics.values()))
             loss_value = summed_value / max(tokens, 1)
             state.global_step += 1
-            state.micro_in_epoch += len(group)
+            state.micro_in_epoch += step_micro
             state.trained_tokens += tokens
             window_loss += summed_value
             window_tokens += tokens
@@ -210,7 +217,7 @@ def train(
                     "loss": loss,
                     "lr": run.learning_rate,
                     "grad_norm": norm_value,
-                    f"{stage.unit}_per_second": window_tokens * world / max(elapsed, 1e-9),
+                    f"{stage.unit}_per_second": window_tokens / max(elapsed, 1e-9),
                     **{name: value / max(window_tokens, 1) for name, value in window_metrics.items()},
                 }
                 run.log.write(record)
@@ -242,7 +249,7 @@ def train(
     if state.stopped_early:
         run.notes.append(f"stopped early after {state.evals_without_gain} evaluations without improvement")
     return run.finish(
-        lambda folder: save_final(accelerator.unwrap_model(model), tokenizer, config, folder),
+        lambda folder, whole: save_final(accelerator.unwrap_model(model), tokenizer, config, folder, whole),
         train_loss=last_loss,
         eval_loss=final_eval.get("eval_loss"),
         counted=state.trained_tokens,

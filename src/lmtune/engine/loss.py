@@ -28,9 +28,13 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 
 def uses_plain_head(model: torch.nn.Module) -> bool:
-    """Models that scale or cap their logits need their own forward."""
+    """Whether the head may run apart from the model's forward. Models that scale or cap their logits need
+    their own forward; so does a model sharded with FSDP2, whose root gathers the embeddings, final norm and
+    head (possibly one tied tensor) only around the model's own forward."""
+    from .distributed import is_sharded
+
     config = model.config
-    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) or is_sharded(model))
 
 
 def rows_read(keep: torch.Tensor) -> torch.Tensor | None:

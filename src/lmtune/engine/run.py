@@ -25,7 +25,7 @@ import torch
 
 from ..config.schema import Config
 from ..errors import UserError
-from . import checkpoint
+from . import checkpoint, distributed
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .report import MetricsLog, plot_loss, read_metrics
 
@@ -83,13 +83,6 @@ def make_accelerator(config: Config) -> Any:
     if config.precision.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    import os
-
-    if config.distributed.enable_fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TrainingError(
-            "enable_fsdp: FSDP sharding is not in this version yet; train on one device, "
-            "or launch several processes with `accelerate launch` / `torchrun` for data parallelism"
-        )
     from datetime import timedelta
 
     from accelerate.utils import InitProcessGroupKwargs
@@ -136,7 +129,8 @@ class Run:
         seed_everything(config.training.seed)
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
-        if config.distributed.enable_fsdp and self.accelerator.num_processes == 1:
+        self.world = self.accelerator.num_processes
+        if config.distributed.enable_fsdp and self.world == 1:
             self.notes.append("one process: nothing to shard, so this trains as a single-process run")
             self.say(f"note: enable_fsdp: {self.notes[-1]}")
         self.dir = Path(config.output.output_dir)
@@ -145,6 +139,7 @@ class Run:
         self.state = state if state is not None else LoopState()
         self.log: Optional[MetricsLog] = None
         self.bar: Any = None
+        self.sharded = False
         self._open_folder()
 
     # -- the folder, messages and timing --------------------------------------
@@ -201,7 +196,8 @@ class Run:
         self.phase("setup")
         tokenizer = load_tokenizer(self.config)
         self.phase("tokenizer")
-        data = prepare(self.config, tokenizer, context_length(load_model_config(self.config)), config_dir)
+        with distributed.main_first(self.accelerator):  # one process writes the tokenised-data cache
+            data = prepare(self.config, tokenizer, context_length(load_model_config(self.config)), config_dir)
         self.phase("data")
         for line in data.summary.lines():
             self.say(f"data: {line}")
@@ -216,23 +212,55 @@ class Run:
         if warm > total_steps:
             self.notes.append(f"warmup ({warm} steps) is longer than the run ({total_steps} steps): the learning rate never peaks")
             self.say(f"warning: warmup_steps: {self.notes[-1]}")
-        self.optimizer = build_optimizer(model, t)
-        self.scheduler = build_scheduler(self.optimizer, t, total_steps)
-        model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        d, stage = self.config.distributed, self.config.finetuning.stage
+        self.sharded = self.world > 1 and d.enable_fsdp and d.fsdp_sharding_strategy != "no_shard"
+        if self.world > 1:
+            if stage == "ppo" or (self.sharded and stage == "dpo"):
+                what = "several processes" if stage == "ppo" else "enable_fsdp with several processes"
+                raise distributed.DistributedError(f"stage: {stage} does not run with {what} in this version; launch one process")
+            global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.world
+            layout = "FSDP2 (" + d.fsdp_sharding_strategy + ")" if self.sharded else "data parallel"
+            if d.enable_fsdp and not self.sharded:
+                layout += ", as fsdp_sharding_strategy no_shard asks"
+            self.say(f"processes: {self.world}, {layout} over {self.accelerator.state.backend or 'one device'}; global batch "
+                     f"{t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation x {self.world} processes = {global_batch}")
+        if self.sharded:
+            model, notes = distributed.shard(model, self.config, self.accelerator)
+            for note in notes:
+                self.note(note)
+            self.optimizer = build_optimizer(model, t)  # over the sharded parameters
+            self.scheduler = build_scheduler(self.optimizer, t, total_steps)
+            self.optimizer = self.accelerator.prepare(self.optimizer)
+        else:
+            # With several processes and no sharding, each keeps the whole model, unwrapped (gradients are
+            # averaged in optimizer_step), so the loss can run the decoder and the head apart as in one process.
+            model.to(self.accelerator.device)
+            self.optimizer = build_optimizer(model, t)
+            self.scheduler = build_scheduler(self.optimizer, t, total_steps)
+            self.optimizer = self.accelerator.prepare(self.optimizer)
         self.model = model
         return model
+
+    def no_sync(self, last: bool) -> Any:
+        """Around a micro batch's backward: FSDP2 exchanges gradients only on the step's last one."""
+        return distributed.gradient_sync(self.model, sync=last)
 
     def optimizer_step(self, summed_loss: torch.Tensor, count: int, metrics: list[torch.Tensor] = ()) -> tuple[float, float, list[float]]:
         """Clip, check for divergence, step. `summed_loss` is this update's loss summed over its `count`
         units; returns (that sum, the gradient norm before clipping, the metrics), as floats."""
         t, model, accelerator = self.config.training, self.model, self.accelerator
+        if self.world > 1 and not self.sharded:
+            distributed.average_gradients(model, self.world)
         if t.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        grad_norm = torch.as_tensor(grad_norm, device=summed_loss.device)
+        grad_norm = distributed.as_local(grad_norm).to(summed_loss.device)  # the whole norm, also under FSDP2
+        sums = torch.stack([summed_loss.double(), *(m.double() for m in metrics)])
+        if self.world > 1:  # every process's share of the loss and metrics; the norm is already global
+            sums = accelerator.reduce(sums, "sum")
         # One device-to-host transfer per optimizer step, for the divergence check and the log.
-        summed, norm, *values = torch.stack([summed_loss.double(), grad_norm.double(), *(m.double() for m in metrics)]).tolist()
+        summed, norm, *values = torch.cat([sums[:1], grad_norm.double().reshape(1), sums[1:]]).tolist()
         loss = summed / max(count, 1)
         # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
         # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
@@ -264,6 +292,7 @@ class Run:
             saved = checkpoint.load(
                 path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, scaler=self.accelerator.scaler
             )
+            self.accelerator.wait_for_everyone()  # no process rewrites metrics.jsonl while another still reads the checkpoint
             self.state = type(self.state)(**saved)
             if self.main:  # what the interrupted run logged after this checkpoint is logged again now
                 kept = [r for r in read_metrics(self.dir / "metrics.jsonl") if r["step"] <= self.state.global_step]
@@ -278,17 +307,22 @@ class Run:
     def save_checkpoint(self) -> Path:
         self.accelerator.wait_for_everyone()
         path = self.checkpoints / f"{checkpoint.PREFIX}{self.state.global_step}"
+        # Whole tensors, gathered by every process, in the one-process format: a run resumes with any process count.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        weights = distributed.full_trainable_state(unwrapped)
+        optimizer_state = distributed.full_optimizer_state(unwrapped, self.optimizer)
         if self.main:
             path = checkpoint.save(
                 self.checkpoints,
                 self.state.global_step,
-                self.accelerator.unwrap_model(self.model),
-                self.optimizer,
+                weights,
+                optimizer_state,
                 self.scheduler,
                 dict(self.state.__dict__),
                 scaler=self.accelerator.scaler,
             )
             checkpoint.prune(self.checkpoints, self.config.output.save_total_limit, protect=getattr(self.state, "best_checkpoint", None))
+        self.accelerator.wait_for_everyone()
         return path
 
     # -- the end ----------------------------------------------------------------
@@ -300,8 +334,11 @@ class Run:
         if self.bar is not None:
             self.bar.close()
         self.accelerator.wait_for_everyone()
+        # A sharded model is gathered whole (every process joins) and written by the main process.
+        state = distributed.full_model_state(self.model) if self.sharded else None
         if self.main:
-            save(final_dir)
+            save(final_dir, state)
+        self.accelerator.wait_for_everyone()
         if self.log is not None:
             self.log.close(final_dir)
         if self.main and self.config.output.plot_loss:
@@ -338,12 +375,13 @@ def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) 
     return f"loss became {loss} at step {step}: {cause}. {kept}"
 
 
-def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path) -> None:
-    """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it."""
+def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path, state: Optional[dict] = None) -> None:
+    """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it.
+    `state`: the whole weights of a sharded model, gathered."""
     final_dir.mkdir(parents=True, exist_ok=True)
     if getattr(model.config, "num_labels", None) == 1 and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a reward model: transformers finds the last token by it
-    model.save_pretrained(final_dir, safe_serialization=True)
+    model.save_pretrained(final_dir, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(final_dir)
     meta = {
         "base_model": config.model.base_model,

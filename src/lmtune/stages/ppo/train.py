@@ -226,7 +226,7 @@ def train_ppo(
         last_eval = {"step": state.global_step, **evaluate_rollouts()}
         run.log.write({"epoch": state.epoch, **last_eval})
 
-    def save(folder: Path) -> None:
+    def save(folder: Path, _whole: Any) -> None:  # ppo runs in one process: nothing to gather
         save_final(policy, tokenizer, config, folder)
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, folder / "value_head.safetensors")
 
