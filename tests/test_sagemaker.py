@@ -185,3 +185,21 @@ def test_python_dash_m_and_the_cli_take_flags_over_the_file(tmp_path, tiny_dir, 
     values = hyperparameters(Job.from_environment(), ["--epoch", "1", "--lora_r=16", "--instruction_tuned"])
     assert values == {"epoch": "1", "lora_r": "16", "seed": 4, "instruction_tuned": "True",
                       "sagemaker_program": "entry.py", "sagemaker_submit_directory": str(tmp_path / "code")}
+
+
+def test_two_hosts_train_as_one_job_through_the_distributed_launch(tmp_path, tiny_dir):
+    """SM_HOSTS names two hosts (both this machine): each host's entry point launches its process, they meet at
+    the first host in sorted order, and the main process alone writes the model and the records."""
+    base = job_tree(tmp_path, tiny_dir, jumpstart(max_train_samples="12", validation_split_ratio="0", per_device_train_batch_size="2"))
+    hosts = ["127.0.0.1", "localhost"]
+    common = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_"))}
+    common.update(SAGEMAKER_BASE_DIR=str(base), SM_HOSTS=json.dumps(hosts), SM_NUM_GPUS="0", PYTHONUNBUFFERED="1")
+    workers = [subprocess.Popen([sys.executable, "-m", "lmtune.sagemaker"], env={**common, "SM_CURRENT_HOST": host},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for host in hosts]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    # JumpStart asks for enable_fsdp: with two processes the LoRA run is sharded
+    assert "processes: 2, FSDP2 (full_shard) over gloo; global batch 2 x 1 accumulation x 2 processes = 4" in outputs[0][0]
+    steps = [r["step"] for r in read_metrics(base / "output" / "data" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]  # 12 examples, 4 per global batch
+    assert (base / "model" / "config.json").exists() and not (base / "output" / "failure").exists()

@@ -22,7 +22,8 @@ FAILURES = "LMTUNE_RANK_FAILURES"
 
 
 class LaunchError(UserError, RuntimeError):
-    """Launch settings that cannot work (a rank beyond the node count, ...)."""
+    """Launch settings that cannot work (a rank beyond the node count, ...), or a process that failed:
+    the message names the process and says what it said."""
 
 
 def launched() -> bool:
@@ -52,7 +53,8 @@ def launch(
     master_addr: Optional[str] = None,
     master_port: Optional[int] = None,
 ) -> int:
-    """Run `python COMMAND...` in `nproc` processes on this host (of `nnodes` hosts); the exit status of the launch."""
+    """Run `python COMMAND...` in `nproc` processes on this host (of `nnodes` hosts); 0 when all succeed.
+    A failed process raises LaunchError with its one-line message (the others have been stopped)."""
     if nproc < 1 or nnodes < 1:
         raise LaunchError(f"--nproc {nproc} --nnodes {nnodes}: both must be at least 1")
     if not 0 <= node_rank < nnodes:
@@ -82,9 +84,7 @@ def launch(
     except ChildFailedError as exc:
         found = sorted(Path(failures).glob("rank-*"), key=lambda p: p.stat().st_mtime)
         if found:
-            print(f"error: {found[0].name.replace('-', ' ')}: {found[0].read_text().strip()}", file=sys.stderr)
-        else:
-            first = min(exc.failures.values(), key=lambda f: f.timestamp)
-            print(f"error: rank {first.rank} ended with exit code {first.exitcode}", file=sys.stderr)
-        return 1
+            raise LaunchError(f"{found[0].name.replace('-', ' ')}: {found[0].read_text().strip()}") from None
+        first = min(exc.failures.values(), key=lambda f: f.timestamp)
+        raise LaunchError(f"rank {first.rank} ended with exit code {first.exitcode} (its output above says why)") from None
     return 0

@@ -183,10 +183,15 @@ def publish(result: Any, config: Any, job: Job, say: Any = print) -> None:
 
 
 def fail(job: Optional[Job], reason: str) -> int:
-    """The one-line reason where SageMaker shows it (output/failure) and on stderr; exit status 1."""
+    """The one-line reason where SageMaker shows it (output/failure) and on stderr; exit status 1.
+    A launched process leaves its reason to the launcher, which writes the failure file once."""
+    from .launch import launched, record_failure
+
     line = " ".join(reason.split())
     print(f"error: {line}", file=sys.stderr, flush=True)
-    if job is not None:
+    if launched():
+        record_failure(line)
+    elif job is not None:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         (job.output_dir / "failure").write_text(line + "\n")
     return 1
@@ -197,6 +202,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     job: Optional[Job] = None
     try:
         job = Job.from_environment()
+        from .launch import launch, launched
+
+        processes = max(job.gpus, 1)
+        if (processes > 1 or len(job.hosts) > 1) and not launched():
+            # One process per GPU on every host; host 0 (in sorted order) is where they meet.
+            if job.current_host not in job.hosts:
+                raise JobError(f"SM_CURRENT_HOST {job.current_host} is not among SM_HOSTS {job.hosts}")
+            print(f"launching {processes} process(es) on each of {len(job.hosts)} host(s); this is host {job.current_host}", flush=True)
+            return launch(["-m", "lmtune.sagemaker", *argv], processes, len(job.hosts), job.hosts.index(job.current_host),
+                          master_addr=job.hosts[0], master_port=29500)
         values = hyperparameters(job, argv)
         settings, resume = job_settings(job, values)
         from .config.load import ConfigError, resolve
@@ -214,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         hf_logging.disable_progress_bar()  # CloudWatch keeps every redraw; metrics arrive as name=value lines
         result = train(config, None, resume=resume)
+        if os.environ.get("RANK", "0") != "0":
+            return 0  # the main process publishes the model and the records
         publish(result, config, job)
         print(f"done: {result.steps} steps in {result.seconds:.1f}s", flush=True)
         return 0

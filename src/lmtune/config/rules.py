@@ -371,7 +371,7 @@ def outputs_and_safety(r: "Resolved") -> list[Problem]:
     if r.config.distributed.fsdp_offload_params and not r.config.distributed.enable_fsdp:
         out.append(Problem("warning", "fsdp_offload_params", "ignored: enable_fsdp is false"))
     f = r.config.finetuning
-    if r.config.distributed.enable_fsdp and (f.method == "qlora" or r.config.model.int8_quantization):
+    if r.config.distributed.enable_fsdp and (f.method == "qlora" or f.int8_quantization):
         out.append(Problem("error", "enable_fsdp", "bitsandbytes' quantised weights are not sharded by FSDP2 in this version; "
                            "use method: lora on a bf16 base with enable_fsdp, or keep the quantised base with enable_fsdp: false "
                            "(several processes then train data parallel)"))
