@@ -190,7 +190,8 @@ def test_python_dash_m_and_the_cli_take_flags_over_the_file(tmp_path, tiny_dir, 
 def test_two_hosts_train_as_one_job_through_the_distributed_launch(tmp_path, tiny_dir):
     """SM_HOSTS names two hosts (both this machine): each host's entry point launches its process, they meet at
     the first host in sorted order, and the main process alone writes the model and the records."""
-    base = job_tree(tmp_path, tiny_dir, jumpstart(max_train_samples="12", validation_split_ratio="0", per_device_train_batch_size="2"))
+    base = job_tree(tmp_path, tiny_dir, jumpstart(max_train_samples="12", validation_split_ratio="0", per_device_train_batch_size="2",
+                                                 logging_steps="1"))
     hosts = ["127.0.0.1", "localhost"]
     common = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "SAGEMAKER_"))}
     common.update(SAGEMAKER_BASE_DIR=str(base), SM_HOSTS=json.dumps(hosts), SM_NUM_GPUS="0", PYTHONUNBUFFERED="1")
