@@ -36,7 +36,8 @@ from pathlib import Path
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import LORA, MAX_LEN, SECTIONS_MARKER, WORK, build_model, machine, peak_memory_mb, sentence  # noqa: E402
+from results_file import write_section  # noqa: E402
+from run import LORA, MAX_LEN, WORK, build_model, machine, peak_memory_mb, sentence  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PAIRS, HELDOUT, BATCH, LR, BETA = 80, 48, 4, 5e-4, 0.1
@@ -211,14 +212,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    """RESULTS.md keeps run.py's part above the marker; this script owns what is below it."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else ""
-    head = text.split(SECTIONS_MARKER)[0].rstrip("\n")
-    path.write_text(f"{head}\n\n{SECTIONS_MARKER}\n\n{section}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -254,7 +247,7 @@ def main() -> None:
     section = markdown(results)
     print(section)
     if args.runs >= 3:
-        write_section(section)
+        write_section("dpo", section)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ JOBS = {
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)  # lmtune's default dropout, given to peft too
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 1024
-SECTIONS_MARKER = "<!-- dpo.py writes below this line -->"  # RESULTS.md: run.py's table above, dpo.py's below
 
 
 # -- shared setup ---------------------------------------------------------------------------
@@ -471,16 +470,14 @@ def main() -> None:
     out_json.write_text(json.dumps(results, indent=2))
     table = markdown(results)
     print(table)
-    if not args.quick:  # dpo.py's section, below the marker, stays
-        path = HERE / "RESULTS.md"
-        kept = path.read_text().split(SECTIONS_MARKER, 1)[1] if path.exists() and SECTIONS_MARKER in path.read_text() else ""
-        path.write_text(table + (f"\n{SECTIONS_MARKER}{kept}" if kept else ""))
+    if not args.quick:  # the other scripts' sections stay
+        from results_file import write_section
+
+        write_section("baseline", table)
 
 
 def markdown(results: dict) -> str:
     lines = [
-        "# Benchmark results",
-        "",
         f"Machine: {results['machine']}. Medians of {results['runs']} alternated runs per tool, {results['rows']} training rows, 1 epoch.",
         "Written by `python benchmarks/run.py`; ratios are lmtune / baseline (transformers Trainer + peft, padding to the longest).",
         "lmtune runs with its defaults (padding-free batching on); `sft_lora_padded` sets `packing: false`.",

@@ -5,10 +5,12 @@ Every figure is an estimate with its assumptions on the page:
   bases in the compute dtype, 4-bit (qlora) or 8-bit linear layers;
 - gradients fp32 for trained weights; optimizer states per trained parameter
   (AdamW 8 bytes, 8-bit AdamW 2, SGD with momentum 4, ...);
-- activations per token and layer for a decoder block (what autograd keeps,
-  with lmtune's lean feed-forward and norms), one block's worth plus block
+- activations per token and layer for a decoder block (what autograd keeps
+  in lmtune's forward, `kept_per_token_layer`), one block's worth plus block
   inputs with gradient checkpointing, attention scores only with eager
-  attention; every example counted at max_input_length (an upper bound);
+  attention, times the device's transient factor (backward temporaries and
+  allocator; measured on CPU); every example counted at max_input_length
+  (an upper bound);
 - FSDP divides what it shards by the process count; a fixed framework
   overhead per device (CUDA context and allocator, or the Python process);
 - time: 6 FLOPs per weight per token (4 for frozen weights, +2 with
@@ -36,6 +38,12 @@ class Device:
     peak_tflops_32: float  # fp32 (tf32 tensor cores where the card has them: used with `tf32: true`)
     peak_tflops_tf32: float
     overhead_gib: float
+    # Peak activation memory over what autograd keeps: the backward's temporaries, and what the allocator
+    # holds on to. CUDA's caching allocator reuses its blocks; on CPU, glibc's heap keeps freed activation
+    # memory and fragments it, and bitsandbytes' CPU kernels copy each quantised layer's input and weights.
+    # The CPU figures are measured by benchmarks/plan_accuracy.py (RESULTS.md); the GPU one is a stated margin.
+    transient: float = 1.2
+    quantised_transient: float = 0.0
 
 
 # Vendor datasheet dense peaks (no sparsity); CPU: a nominal 2-core figure, override with --gpu-memory for RAM.
@@ -46,7 +54,7 @@ DEVICES = {
     "l4": Device(24, 121, 30.3, 60, 1.0),
     "a10g": Device(24, 70, 31.2, 35, 1.0),
     "t4": Device(16, 65, 8.1, 8.1, 0.8),
-    "cpu": Device(16, 0.18, 0.18, 0.18, 0.8),
+    "cpu": Device(16, 0.18, 0.18, 0.18, 0.4, transient=2.1, quantised_transient=1.0),
 }
 UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak a fine-tuning step reaches (stated, not measured here)
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
@@ -207,6 +215,22 @@ def trainable_parameters(shape: Shape, config: Any) -> int:
     return shape.layers * per_layer
 
 
+def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float:
+    """Bytes autograd keeps per token and decoder block in lmtune's forward (counted with saved-tensor hooks on
+    the benchmark model): the block input and the two norm inputs in fp32, the normed inputs, q, k, v and the
+    attention output; gate and up of a gated feed-forward (lmtune recomputes the product when down_proj is a
+    plain layer, else it is kept too); per LoRA target its r-wide intermediate, and with lora_dropout a
+    one-byte mask over its input."""
+    f = config.finetuning
+    d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    targets = _lora_targets(shape, f.lora_target) if f.method in ("lora", "qlora") else []
+    feed_forward = (2 if "down_proj" not in targets else 3) * inter if shape.gated else 2 * inter
+    kept = 4 * 3 * d + compute_bytes * (4 * d + 2 * kv + feed_forward + f.lora_r * len(targets))
+    if targets and f.lora_dropout > 0:
+        kept += sum(shape.layer_linears()[name][0] for name in targets)
+    return kept
+
+
 def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_gib: Optional[float] = None, micro_batch: Optional[int] = None,
              total_tokens: Optional[int] = None) -> Estimate:
     f, t, p, dist = config.finetuning, config.training, config.precision, config.distributed
@@ -237,16 +261,16 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
         if dist.fsdp_offload_params:
             weights, optimizer = weights / max(shape.layers, 1), 0.0  # one block's weights gathered on the device at a time
 
-    # activations, per example of max_input_length tokens
+    # activations, per example of max_input_length tokens: what autograd keeps, times the device's transient factor
     tokens = _tokens_per_example(config, shape)
-    d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    per_token_layer = compute_bytes * (6 * d + 2 * kv + (3 if shape.gated else 2) * inter) + 4 * 2 * d  # fp32 norm inputs
+    per_token_layer = kept_per_token_layer(config, shape, compute_bytes)
     if config.model.attn_implementation == "eager":
         per_token_layer += compute_bytes * shape.heads * tokens  # the scores matrix, kept for softmax's backward
     if t.gradient_checkpointing:
-        per_example = tokens * (shape.layers * compute_bytes * d + per_token_layer)
+        per_example = tokens * (shape.layers * compute_bytes * shape.hidden + per_token_layer)
     else:
         per_example = tokens * shape.layers * per_token_layer
+    per_example *= device.transient + (device.quantised_transient if f.method == "qlora" or f.int8_quantization else 0.0)
     logits = min(tokens, 1024) * shape.vocab * 4 * 3  # one chunk of fp32 logits, their softmax and gradient
     static = weights + gradients + optimizer + device.overhead_gib * GIB + logits
     available = memory_gib * GIB
@@ -260,7 +284,7 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
     checkpoint_extra = 2 if t.gradient_checkpointing else 0
     trained_matmul = trainable if f.method != "full" else 0
     flops_per_token = (frozen_matmul + checkpoint_extra) * (total - trained_matmul) + (6 + checkpoint_extra) * trained_matmul
-    flops_per_token += 12 * shape.layers * d * tokens / 2  # causal attention over half the example on average
+    flops_per_token += 12 * shape.layers * shape.hidden * tokens / 2  # causal attention over half the example on average
     if device_name == "cpu":
         peak, utilisation = device.peak_tflops_32, UTILISATION["cpu"]
     else:
@@ -437,3 +461,47 @@ def default_device() -> str:
 
 def default_devices() -> int:
     return int(os.environ.get("SM_NUM_GPUS", "0") or 0) or 1
+
+
+# -- the published rules of thumb, side by side (docs/planning.md) -------------------------------------
+
+# config.json values of two 7-8B models (no download needed to print the table)
+REFERENCE_MODELS = {
+    "Llama-3.1-8B": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "max_position_embeddings": 131072, "tie_word_embeddings": False},
+    "Mistral-7B-v0.1": {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "max_position_embeddings": 32768, "tie_word_embeddings": False},
+}
+RULES = {
+    "full": "16 bytes per parameter (bf16 mixed precision with fp32 master weights, gradients and AdamW's two states) + activations",
+    "lora": "2 bytes per parameter for the bf16 base + a few hundred MB for adapters and their optimizer + activations",
+    "qlora": "0.5-0.6 bytes per parameter for the 4-bit base (NF4 + block scales) + adapters + activations",
+}
+
+
+def rules_of_thumb() -> str:
+    """A markdown table: plan's numbers for 7-8B models next to the published rules of thumb."""
+    from .config.schema import Config
+
+    lines = ["| model | method | parameters | weights + gradients + optimizer | bytes per parameter | "
+             "peak on one H100, 1 x 2048 tokens, checkpointing | rule of thumb |",
+             "|---|---|---|---|---|---|---|"]
+    for name, raw in REFERENCE_MODELS.items():
+        shape = shape_of(raw)
+        for method in ("full", "lora", "qlora"):
+            config = Config.model_validate({"finetuning": {"method": method, "lora_r": 16, "lora_target": ["all"]},
+                                            "precision": {"precision": "bf16"}, "data": {"max_input_length": 2048},
+                                            "training": {"gradient_checkpointing": True}})
+            plan = estimate(config, shape, "h100", 1)
+            static = sum(plan.bytes_per_device[k] for k in ("weights", "gradients", "optimizer"))
+            if method == "qlora":  # the quantised linear layers alone, against the 0.5-0.6 rule
+                linear = shape.layers * sum(i * o for i, o in shape.layer_linears().values())
+                per = (0.5 + 0.032)
+                shown = f"{per:.2f} (4-bit linear layers: {linear * per / GIB:.1f} GiB)"
+            else:
+                shown = f"{static / plan.parameters:.2f}"
+            lines.append(f"| {name} | {method} | {plan.parameters / 1e9:.2f} B | {static / GIB:.1f} GiB | {shown} | "
+                         f"{plan.peak_bytes / GIB:.1f} GiB | {RULES[method]} |")
+    return "\n".join(lines)
