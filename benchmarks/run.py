@@ -304,7 +304,7 @@ def heldout_loss(final: Path, base: Path, data: Path, job: str) -> float:
 
 
 def command_speed(runs: int = 11) -> dict:
-    """Wall time of `lmtune check` and `lmtune explain` on a config, median of `runs` after a warm-up.
+    """Wall time of `lmtune check`, `lmtune explain` and `lmtune plan` (local model) on a config, median of `runs` after a warm-up.
 
     Bytecode caching is on, as on any machine where Python may write
     `__pycache__` (some sandboxes set PYTHONDONTWRITEBYTECODE; an editable
@@ -312,8 +312,10 @@ def command_speed(runs: int = 11) -> dict:
     """
     config = Path(__file__).resolve().parents[1] / "examples" / "sft_lora.yaml"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    local = WORK / "plan-command.yaml"  # plan on a local model folder: config.json only
+    local.write_text(json.dumps({"base_model": str(WORK / "model-30m"), "dataset": str(config.parent / "data" / "reverse.jsonl")}))
     out = {}
-    for name, argv in (("check", ["check", str(config)]), ("explain", ["explain", str(config)])):
+    for name, argv in (("check", ["check", str(config)]), ("explain", ["explain", str(config)]), ("plan", ["plan", str(local)])):
         command = [sys.executable, "-m", "lmtune", *argv]
         subprocess.run(command, capture_output=True, check=False, env=env)
         times = []
@@ -502,7 +504,8 @@ def markdown(results: dict) -> str:
             f"**{r['first_step_s']:.2f}x** | **{r['warm_first_step_s']:.2f}x** | |"
         )
     c = results["commands_s"]
-    lines += ["", f"`lmtune check`: {c['check']:.2f} s, `lmtune explain`: {c['explain']:.2f} s (wall, median of 11 after a warm-up, bytecode cached)."]
+    lines += ["", f"`lmtune check`: {c['check']:.2f} s, `lmtune explain`: {c['explain']:.2f} s, `lmtune plan` on a local model folder: "
+              f"{c.get('plan', float('nan')):.2f} s (wall, median of 11 after a warm-up, bytecode cached)."]
     d = results["data_cache"]
     lines += [
         "",

@@ -121,3 +121,14 @@ def test_fsdp_with_a_quantised_base_is_refused_before_the_run(tmp_path, capsys):
 
     assert main(["check", str(make_config(tmp_path, method="qlora", enable_fsdp=True))]) == 1
     assert "error: enable_fsdp: bitsandbytes' quantised weights are not sharded by FSDP2" in capsys.readouterr().out
+
+
+def test_torchrun_is_detected_and_trains_the_same(tmp_path):
+    common = dict(rows=ROWS, micro_batch_size=2, max_steps=4, **METHODS["lora"])
+    one = run(make_config(tmp_path, name="one", gradient_accumulation_steps=2, **common))
+    config = make_config(tmp_path, name="torchrun", **common)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lmtune", "train", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes: 2, data parallel over gloo" in done.stdout
+    assert list(losses(tmp_path / "torchrun").values()) == pytest.approx(list(losses(one.run_dir).values()), rel=1e-5)

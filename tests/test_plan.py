@@ -113,3 +113,23 @@ def test_rules_of_thumb_for_8b_models_and_the_docs_table():
     linear = shape.layers * sum(i * o for i, o in shape.layer_linears().values())
     assert 0.5 <= (per_parameter["qlora"] * shape.parameters() - (shape.parameters() - linear) * 2) / linear < 0.7
     assert rules_of_thumb() in (ROOT / "docs" / "planning.md").read_text(), "regenerate docs/planning.md's table"
+
+
+def test_plan_on_a_local_folder_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"base_model": str(build_folder(tmp_path)), "dataset": DATA}))
+    code = ("import sys; from lmtune.cli import main; code = main(['plan', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'plan imported torch'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fits on" in done.stdout or "does not fit" in done.stdout
+
+
+def build_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    return folder
