@@ -45,7 +45,7 @@ def bad_train_config(tmp_path, **settings):
         ({"base_model": "builtin:huge"}, "no builtin model 'builtin:huge'"),
         ({"lora_target": ["nope"]}, "no linear layer named 'nope'"),
         ({"precision": "fp16"}, "fp16 needs a CUDA GPU"),
-        ({"enable_fsdp": True}, "enable_fsdp: FSDP sharding is not in this version yet"),
+        ({"enable_fsdp": True, "method": "qlora"}, "enable_fsdp: bitsandbytes' quantised weights are not sharded"),
     ],
 )
 def test_train_mistakes_give_one_line_and_exit_1(tmp_path, capsys, settings, message):
