@@ -132,3 +132,16 @@ def test_torchrun_is_detected_and_trains_the_same(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "processes: 2, data parallel over gloo" in done.stdout
     assert list(losses(tmp_path / "torchrun").values()) == pytest.approx(list(losses(one.run_dir).values()), rel=1e-5)
+
+
+def test_dpo_trains_data_parallel_like_one_process(tmp_path):
+    from test_alignment import preference_rows
+
+    common = dict(rows=preference_rows(10), stage="dpo", micro_batch_size=2, max_steps=4, **METHODS["lora"])
+    one = run(make_config(tmp_path, name="one", gradient_accumulation_steps=2, **common))
+    done = launch(make_config(tmp_path, name="two", **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(losses(tmp_path / "two").values()) == pytest.approx(list(losses(one.run_dir).values()), rel=1e-5)
+    refused = launch(make_config(tmp_path, name="sharded", enable_fsdp=True, **common))
+    assert refused.returncode != 0
+    assert "enable_fsdp: sharding covers pt and sft in this version; dpo trains data parallel" in refused.stderr.splitlines()[-1]

@@ -766,7 +766,7 @@ class DistributedArgs(Group):
         "PyTorch FSDP2 (one unit per decoder block), so models too large for one device "
         "can train; launch with `lmtune train --nproc N` (or torchrun / accelerate launch). "
         "With one process it trains as a single-process run, with a note. Not with qlora "
-        "or int8 bases; pt, sft and rm.",
+        "or int8 bases; pt and sft (rm and dpo train data parallel).",
         jumpstart=("enable_fsdp",),
     )
     fsdp_sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = setting(

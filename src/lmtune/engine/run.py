@@ -215,9 +215,12 @@ class Run:
         d, stage = self.config.distributed, self.config.finetuning.stage
         self.sharded = self.world > 1 and d.enable_fsdp and d.fsdp_sharding_strategy != "no_shard"
         if self.world > 1:
-            if stage == "ppo" or (self.sharded and stage == "dpo"):
-                what = "several processes" if stage == "ppo" else "enable_fsdp with several processes"
-                raise distributed.DistributedError(f"stage: {stage} does not run with {what} in this version; launch one process")
+            if stage == "ppo":
+                raise distributed.DistributedError("stage: ppo runs in one process in this version; launch one process")
+            if self.sharded and stage not in ("pt", "sft"):
+                raise distributed.DistributedError(
+                    f"enable_fsdp: sharding covers pt and sft in this version; {stage} trains data parallel with enable_fsdp: false"
+                )
             global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.world
             layout = "FSDP2 (" + d.fsdp_sharding_strategy + ")" if self.sharded else "data parallel"
             if d.enable_fsdp and not self.sharded:
