@@ -60,9 +60,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, metho
     assert close(final_weights(tmp_path / "two"), final_weights(one.run_dir)) < 1e-4
 
 
-def test_sharded_checkpoints_resume_in_one_process_and_in_two(tmp_path):
+@pytest.mark.parametrize("method,fsdp", [("full", True), ("lora", True), ("full", False)], ids=["fsdp-full", "fsdp-lora", "data-parallel"])
+def test_checkpoints_of_two_processes_resume_in_one_process_and_in_two(tmp_path, method, fsdp):
     settings = dict(rows=ROWS, micro_batch_size=2, max_steps=8, save_steps=2, save_total_limit=3, lr_scheduler="cosine",
-                    enable_fsdp=True, **METHODS["full"])
+                    enable_fsdp=fsdp, **METHODS[method])
     straight = make_config(tmp_path, name="straight", **settings)
     done = launch(straight)
     assert done.returncode == 0, done.stderr[-3000:]
