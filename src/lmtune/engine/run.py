@@ -92,6 +92,25 @@ def make_accelerator(config: Config) -> Any:
     return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=[timeout])
 
 
+def keep_large_blocks_out_of_the_heap() -> None:
+    """glibc serves large blocks with mmap, but raises that threshold after each large free (up to 32 MiB), so
+    activation-sized tensors then come from the heap, which fragments and keeps a higher peak from step to step.
+    A fixed 16 MiB threshold returns each large tensor to the system when freed. Measured on the benchmark's pt
+    job (2 runs each, 2 cores): 16 MiB gave 9% less peak memory at the same speed; 8 MiB 20% less but 16% slower
+    (each large allocation then faults its pages in afresh); LoRA SFT was unchanged either way."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 16 * 2**20)  # M_MMAP_THRESHOLD; setting it also stops glibc from moving it
+    except (OSError, AttributeError):  # not glibc (musl, ...): its own allocator policy stays
+        pass
+
+
 def _quiet_libraries(config: Config) -> None:
     # peft calls a transformers method that transformers itself marks deprecated; nothing for our users to do.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -126,6 +145,7 @@ class Run:
         self.startup: dict[str, float] = {}
         self.notes: list[str] = []
         _quiet_libraries(config)
+        keep_large_blocks_out_of_the_heap()
         seed_everything(config.training.seed)
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
