@@ -170,7 +170,10 @@ def train(
             # At an epoch's end some processes have one micro batch fewer: they run a pass with weight 0,
             # so every process joins the same gradient exchanges (no hang, no change to the gradients).
             passes = len(range(0, step_micro, world))
-            spare = group[-1] if group else spare if spare is not None else train_batches.collate(train_batches.examples[:1])
+            if group:
+                spare = group[-1]
+            elif spare is None:  # this process has had no batch of its own yet (more processes than micro batches)
+                spare = train_batches.collate(train_batches.examples[:1])
             # Normalise by the trained tokens of the whole accumulated batch (over all processes),
             # so accumulation and data parallelism give the gradients of one big batch.
             counts = torch.tensor([sum(stage.count(b) for b in group), sum(real_tokens(b) for b in group)], device=accelerator.device)
