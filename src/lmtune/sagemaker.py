@@ -192,8 +192,12 @@ def fail(job: Optional[Job], reason: str) -> int:
     if launched():
         record_failure(line)
     elif job is not None:
-        job.output_dir.mkdir(parents=True, exist_ok=True)
-        (job.output_dir / "failure").write_text(line + "\n")
+        try:
+            job.output_dir.mkdir(parents=True, exist_ok=True)
+            (job.output_dir / "failure").write_text(line + "\n")
+        except OSError as exc:  # outside a container (no writable /opt/ml): stderr carries the reason alone
+            print(f"note: could not write {job.output_dir / 'failure'} ({exc.strerror}); set SAGEMAKER_BASE_DIR outside a "
+                  "SageMaker container", file=sys.stderr)
     return 1
 
 
