@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,15 +104,14 @@ if os.environ.get("RANK") == "1":
 
 def test_a_failing_process_ends_the_whole_launch_with_its_message(tmp_path):
     """Rank 1 fails in its third step while rank 0 waits for it in a collective: the launch ends, no hang,
-    with rank 1's one-line message (the processes would otherwise wait ddp_timeout, here 30 minutes)."""
+    with rank 1's one-line message (the processes would otherwise wait ddp_timeout)."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
     config = make_config(tmp_path, rows=ROWS, micro_batch_size=2, max_steps=20, ddp_timeout=1800, method="full")
-    started = time.time()
+    # A hang would outlast the subprocess timeout (TimeoutExpired fails the test); ddp_timeout is 30 minutes.
     done = launch(config, env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}, timeout=180)
     assert done.returncode != 0
-    assert time.time() - started < 120
     assert "error: rank 1: data.jsonl line 7: a bad row reached on rank 1" in done.stderr.splitlines(), done.stderr[-2000:]
 
 

@@ -142,15 +142,11 @@ class Stdout:
     """One `name=value` line per metric: what SageMaker metric definitions (regexes over the log) read.
     Training metrics are named train_*, evaluation ones keep their eval_ prefix."""
 
-    def __init__(self, config: Config, run_dir: Path):
-        pass
-
     def log(self, record: dict[str, Any]) -> None:
-        print(f"step={int(record['step'])}", flush=False)
+        lines = [f"step={int(record['step'])}"]
         for key, value in _numbers(record).items():
-            name = key if key.startswith("eval_") or key == "epoch" else f"train_{key}"
-            print(f"{name}={value:.6g}", flush=False)
-        print(end="", flush=True)
+            lines.append(f"{key if key.startswith('eval_') or key == 'epoch' else 'train_' + key}={value:.6g}")
+        print("\n".join(lines), flush=True)
 
     def close(self, final_model: Optional[Path]) -> None:
         if final_model is not None:
@@ -173,5 +169,5 @@ def open_trackers(config: Config, run_dir: Path, resumed: bool) -> tuple[list[An
         elif name == "mlflow":
             out.append(MLflow(config, run_dir, resumed))
         elif name == "stdout":
-            out.append(Stdout(config, run_dir))
+            out.append(Stdout())
     return out, notes
