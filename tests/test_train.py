@@ -273,11 +273,11 @@ def test_chat_prompt_answers_with_the_training_template(tmp_path, capsys):
     assert printed == expected
 
 
-def test_fused_lora_dropout_is_dropout_then_linear():
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])  # dropped elements kept as indices (p <= 0.5) or as a mask
+def test_fused_lora_dropout_is_dropout_then_linear(p):
     """Same output and gradients as F.linear(dropout(x)) with the same mask."""
     from lmtune.model.lora_forward import _DropoutLinear, keep_mask
 
-    p = 0.3
     x = torch.randn(4, 50, 32, requires_grad=True)
     weight = torch.randn(8, 32, requires_grad=True)
     torch.manual_seed(11)
