@@ -218,14 +218,17 @@ def trainable_parameters(shape: Shape, config: Any) -> int:
 def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float:
     """Bytes autograd keeps per token and decoder block in lmtune's forward (counted with saved-tensor hooks on
     the benchmark model): the block input and the two norm inputs in fp32, the normed inputs, q, k, v and the
-    attention output; gate and up of a gated feed-forward (lmtune recomputes the product when down_proj is a
-    plain layer, else it is kept too); per LoRA target its r-wide intermediate, and with lora_dropout a
-    one-byte mask over its input."""
+    attention output; when the norms are trained (full, freeze) their normalised outputs in fp32 too; gate and
+    up of a gated feed-forward (lmtune recomputes the product when down_proj is a plain layer, else it is kept
+    too); per LoRA target its r-wide intermediate, and with lora_dropout a one-byte mask over its input (on
+    CPU the dropped elements' 8-byte indices, fewer bytes up to p = 1/8)."""
     f = config.finetuning
     d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
     targets = _lora_targets(shape, f.lora_target) if f.method in ("lora", "qlora") else []
     feed_forward = (2 if "down_proj" not in targets else 3) * inter if shape.gated else 2 * inter
     kept = 4 * 3 * d + compute_bytes * (4 * d + 2 * kv + feed_forward + f.lora_r * len(targets))
+    if f.method in ("full", "freeze"):
+        kept += 4 * 2 * d
     if targets and f.lora_dropout > 0:
         kept += sum(shape.layer_linears()[name][0] for name in targets)
     return kept

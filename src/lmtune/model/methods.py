@@ -138,10 +138,8 @@ def apply_method(model: torch.nn.Module, config: Config) -> Any:
     if config.training.gradient_checkpointing and method != "full":
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     from .lean_mlp import use_lean_mlp
-    from .lean_norm import use_lean_norms
 
     use_lean_mlp(model)  # the same numbers, a quarter fewer feed-forward activations kept (see lean_mlp)
-    use_lean_norms(model)  # the same numbers, half of what the norms keep (see lean_norm)
     return model
 
 
