@@ -53,12 +53,18 @@ class _GatedDown(torch.autograd.Function):
         with torch.enable_grad():
             leaf = gate.detach().requires_grad_(True)
             activated = ctx.act(leaf)
-        product = activated.detach() * up
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:  # a frozen down_proj (LoRA) needs no product at all
+            product = activated.detach() * up
+            grad_weight = flat_grad.t().matmul(product.reshape(-1, product.shape[-1]))
+            del product
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = flat_grad.sum(0)
         grad_product = grad.matmul(weight)
-        grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(product.reshape(-1, product.shape[-1])) if ctx.needs_input_grad[2] else None
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         (grad_gate,) = torch.autograd.grad(activated, leaf, grad_product * up)
-        return grad_gate, grad_product * activated.detach(), grad_weight, grad_bias, None
+        # grad_product is this function's own: the up gradient overwrites it rather than taking new memory
+        return grad_gate, grad_product.mul_(activated.detach()), grad_weight, grad_bias, None
 
 
 def _lean_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
