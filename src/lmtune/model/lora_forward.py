@@ -20,8 +20,9 @@ probability 1 - p and scaled by 1 / (1 - p), independently per element and per
 adapted layer; the output and gradients are the same products, summed in
 another order. On CPU the draw costs p random numbers per element instead of
 one, and the dropped elements are kept as indices, not a mask (see
-_rare_places and zero_dropped). The random stream differs from torch.nn.Dropout's, so runs are
-reproducible with lmtune's seed but not bit-equal to peft's with dropout on.
+_rare_places and zero_dropped). The random stream differs from
+torch.nn.Dropout's, so runs are reproducible with lmtune's seed but not
+bit-equal to peft's with dropout on.
 Layers peft would treat specially (several or disabled adapters, DoRA and other
 variants, merged weights, quantised bases) keep peft's own forward.
 """
