@@ -72,6 +72,58 @@ def test_packed_equals_padded_loss_and_gradients(kind):
         assert (packed_grads[name] - grad).abs().max() / scale < 1e-4, (kind, name)
 
 
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("norms_trained", [True, False])
+def test_fused_rms_norms_give_the_same_loss_and_gradients(kind, norms_trained):
+    """Every RMS norm takes the one-function forward (GPT-NeoX has LayerNorms, left alone); the loss is the
+    same number and every gradient the same within rounding, with the norm scales trained (full) or frozen."""
+    from lmtune.model.rms_norm import use_fused_rms_norm
+
+    model = build(kind, pad_token_id=0)
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(norms_trained or "norm" not in name)
+    batch = pad_batch(examples(), 0)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    kept_plain = kept_elements(model, batch)
+    rms_norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    assert use_fused_rms_norm(model) == rms_norms
+    assert rms_norms > 0 or kind == "gpt_neox"
+    fused_loss, fused_grads = loss_and_grads(model, batch)
+    assert torch.equal(fused_loss, plain_loss), kind
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert (fused_grads[name] - grad).abs().max() / (grad.abs().max() + 1e-12) < 1e-5, (kind, name)
+    if rms_norms and norms_trained:
+        assert kept_elements(model, batch) < kept_plain  # the normalised outputs are no longer kept
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("lmtune.plan", fromlist=["FUSED_RMS_NORMS"]).FUSED_RMS_NORMS))
+def test_plan_counts_fused_norms_only_where_they_are_fused(model_type):
+    """`plan` leaves out the normalised outputs for these model types: each one's RMS norms must take the fused forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.model.rms_norm import use_fused_rms_norm
+
+    small_experts = dict(num_experts=4, num_local_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    config = AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0, **SIZES, **small_experts)
+    model = AutoModelForCausalLM.from_config(config)
+    rms_norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    assert rms_norms > 0 and use_fused_rms_norm(model) == rms_norms
+
+
+def kept_elements(model, batch):
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        summed_token_loss(model, batch)
+    return sum(kept)
+
+
 def test_the_window_matters_here():
     """Without the window the packed loss would differ: the test above could fail."""
     model = build("mistral", pad_token_id=0)

@@ -58,6 +58,8 @@ DEVICES = {
 }
 UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak a fine-tuning step reaches (stated, not measured here)
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
+# Model types whose RMS norms lmtune computes in one autograd function (model/rms_norm.py), keeping no normalised output.
+FUSED_RMS_NORMS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite"}
 OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adam": 8, "adamw_8bit": 2, "rmsprop": 4, "adafactor": 0.5}
 
 
@@ -218,7 +220,7 @@ def trainable_parameters(shape: Shape, config: Any) -> int:
 def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float:
     """Bytes autograd keeps per token and decoder block in lmtune's forward (counted with saved-tensor hooks on
     the benchmark model): the block input and the two norm inputs in fp32, the normed inputs, q, k, v and the
-    attention output; when the norms are trained (full, freeze) their normalised outputs in fp32 too; gate and
+    attention output; when the norms are trained (full, freeze) and not fused, their normalised outputs in fp32 too; gate and
     up of a gated feed-forward (lmtune recomputes the product when down_proj is a plain layer, else it is kept
     too); per LoRA target its r-wide intermediate, and with lora_dropout a one-byte mask over its input (on
     CPU the dropped elements' 8-byte indices, fewer bytes up to p = 1/8)."""
@@ -227,7 +229,7 @@ def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float
     targets = _lora_targets(shape, f.lora_target) if f.method in ("lora", "qlora") else []
     feed_forward = (2 if "down_proj" not in targets else 3) * inter if shape.gated else 2 * inter
     kept = 4 * 3 * d + compute_bytes * (4 * d + 2 * kv + feed_forward + f.lora_r * len(targets))
-    if f.method in ("full", "freeze"):
+    if f.method in ("full", "freeze") and shape.model_type not in FUSED_RMS_NORMS:
         kept += 4 * 2 * d
     if targets and f.lora_dropout > 0:
         kept += sum(shape.layer_linears()[name][0] for name in targets)
