@@ -19,6 +19,7 @@ from lmtune.engine.loop import train
 from lmtune.engine.loss import summed_token_loss
 from lmtune.engine.report import read_metrics
 from lmtune.model.packed_attention import PackingNotExact, packing_obstacle, switch_to_packed, use_packed_attention
+from lmtune.plan import FUSED_RMS_NORMS
 
 WINDOW = 16  # shorter than the longest example below
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -98,7 +99,7 @@ def test_fused_rms_norms_give_the_same_loss_and_gradients(kind, norms_trained):
         assert kept_elements(model, batch) < kept_plain  # the normalised outputs are no longer kept
 
 
-@pytest.mark.parametrize("model_type", sorted(__import__("lmtune.plan", fromlist=["FUSED_RMS_NORMS"]).FUSED_RMS_NORMS))
+@pytest.mark.parametrize("model_type", sorted(FUSED_RMS_NORMS))
 def test_plan_counts_fused_norms_only_where_they_are_fused(model_type):
     """`plan` leaves out the normalised outputs for these model types: each one's RMS norms must take the fused forward."""
     from transformers import AutoConfig, AutoModelForCausalLM
