@@ -26,11 +26,11 @@ from run import WORK, build_data, build_model, lmtune_config, machine, matmul_pe
 
 JOBS = ("sft_lora", "sft_full", "pt")
 WARMUP, PROFILED = 2, 6
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMULS = ("mm", "addmm", "bmm", "baddbmm")  # aten operators; the add- forms take (bias, a, b)
 
 
 def part_of(name: str) -> str:
-    if name in MATMUL_OPS:
+    if name.removeprefix("aten::") in MATMULS:
         return "matmul"
     if "scaled_dot_product" in name or "flash_attention" in name:
         return "attention"
@@ -49,8 +49,8 @@ def matmul_counter() -> Any:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if name in ("mm", "bmm", "addmm", "baddbmm"):
-                a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+            if name in MATMULS:
+                a, b = (args[1], args[2]) if "add" in name else (args[0], args[1])
                 self.flops += 2 * a.numel() * b.shape[-1]
             return func(*args, **(kwargs or {}))
 

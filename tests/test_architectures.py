@@ -19,6 +19,7 @@ from lmtune.engine.loop import train
 from lmtune.engine.loss import summed_token_loss
 from lmtune.engine.report import read_metrics
 from lmtune.model.packed_attention import PackingNotExact, packing_obstacle, switch_to_packed, use_packed_attention
+from lmtune.model.rms_norm import use_fused_rms_norm
 from lmtune.plan import FUSED_RMS_NORMS
 
 WINDOW = 16  # shorter than the longest example below
@@ -78,8 +79,6 @@ def test_packed_equals_padded_loss_and_gradients(kind):
 def test_fused_rms_norms_give_the_same_loss_and_gradients(kind, norms_trained):
     """Every RMS norm takes the one-function forward (GPT-NeoX has LayerNorms, left alone); the loss is the
     same number and every gradient the same within rounding, with the norm scales trained (full) or frozen."""
-    from lmtune.model.rms_norm import use_fused_rms_norm
-
     model = build(kind, pad_token_id=0)
     model.train()
     for name, param in model.named_parameters():
@@ -103,8 +102,6 @@ def test_fused_rms_norms_give_the_same_loss_and_gradients(kind, norms_trained):
 def test_plan_counts_fused_norms_only_where_they_are_fused(model_type):
     """`plan` leaves out the normalised outputs for these model types: each one's RMS norms must take the fused forward."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lmtune.model.rms_norm import use_fused_rms_norm
 
     small_experts = dict(num_experts=4, num_local_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     config = AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0, **SIZES, **small_experts)

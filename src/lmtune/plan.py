@@ -220,10 +220,10 @@ def trainable_parameters(shape: Shape, config: Any) -> int:
 def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float:
     """Bytes autograd keeps per token and decoder block in lmtune's forward (counted with saved-tensor hooks on
     the benchmark model): the block input and the two norm inputs in fp32, the normed inputs, q, k, v and the
-    attention output; when the norms are trained (full, freeze) and not fused, their normalised outputs in fp32 too; gate and
-    up of a gated feed-forward (lmtune recomputes the product when down_proj is a plain layer, else it is kept
-    too); per LoRA target its r-wide intermediate, and with lora_dropout a one-byte mask over its input (on
-    CPU the dropped elements' 8-byte indices, fewer bytes up to p = 1/8)."""
+    attention output; when the norms are trained (full, freeze) and not fused, their normalised outputs in
+    fp32 too; gate and up of a gated feed-forward (lmtune recomputes the product when down_proj is a plain
+    layer, else it is kept too); per LoRA target its r-wide intermediate, and with lora_dropout a one-byte
+    mask over its input (on CPU the dropped elements' 8-byte indices, fewer bytes up to p = 1/8)."""
     f = config.finetuning
     d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
     targets = _lora_targets(shape, f.lora_target) if f.method in ("lora", "qlora") else []

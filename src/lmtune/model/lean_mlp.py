@@ -7,9 +7,10 @@ width, the largest activations of the model. Here the gated product and the
 down projection are one autograd function that keeps gate(x) and up(x) and
 recomputes act(gate(x)) in the backward pass (and the product, which only a
 trained down_proj's weight gradient reads: elementwise passes, a few per cent
-of a step), so half of the feed-forward activations are never kept. Where down_proj carries an adapter (LoRA) or autocast runs, only the
-product is fused and down_proj's own forward keeps its input. The output and every gradient
-are the same operations on the same numbers.
+of a step), so half of the feed-forward activations are never kept. Where
+down_proj carries an adapter (LoRA) or autocast runs, only the product is
+fused and down_proj's own forward keeps its input. The output and every
+gradient are the same operations on the same numbers.
 """
 
 from __future__ import annotations
