@@ -171,11 +171,11 @@ def _lmtune_padding(config) -> float:
     from transformers import AutoTokenizer
 
     from lmtune.data.pipeline import prepare
-    from lmtune.stages import stage_for
+    from lmtune.stages import objective_for
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.base_model)
     data = prepare(config, tokenizer, 2048)
-    return stage_for(config).batches(data.train, config, tokenizer, True, packing=False).padding_fraction()
+    return objective_for(config).batches(data.train, config, tokenizer, True, packing=False).padding_fraction()
 
 
 def child_baseline(job: str, model_dir: Path, data: Path, out: Path, epochs: float, max_steps: int) -> dict:

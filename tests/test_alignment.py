@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,15 +265,16 @@ def test_packed_and_padded_pairs_give_the_same_loss(tmp_path, stage):
     from lmtune.data.pipeline import prepare
     from lmtune.model.load import load_model, load_tokenizer
     from lmtune.model.packed_attention import use_packed_attention
-    from lmtune.stages import stage_for
+    from lmtune.stages import objective_for, stage_of
+    from lmtune.stages.reference import Reference
 
     config = run_config(tmp_path, stage, "full", validation_split_ratio=0.0)
     tokenizer = load_tokenizer(config)
     examples = prepare(config, tokenizer, 2048).train[:6]
-    the_stage = stage_for(config)
-    model = load_model(config, head=the_stage.head)
+    the_stage = objective_for(config)
+    model = load_model(config, head=stage_of(config).head)
     if stage == "dpo":
-        the_stage.reference_model = load_model(config)
+        the_stage.reference = Reference(load_model(config), "full", SimpleNamespace(place_frozen=lambda frozen: frozen))
     padded = next(the_stage.batches(examples, config, tokenizer, shuffle=False, packing=False).epoch(0))
     loss_padded, _ = the_stage.summed_loss(model, padded)
     use_packed_attention(model)

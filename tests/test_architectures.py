@@ -16,7 +16,7 @@ import torch
 from lmtune.config.load import resolve
 from lmtune.data.batches import packed_batch, pad_batch
 from lmtune.engine.loop import train
-from lmtune.engine.loss import summed_token_loss
+from lmtune.losses import summed_token_loss
 from lmtune.engine.report import read_metrics
 from lmtune.model.packed_attention import PackingNotExact, packing_obstacle, switch_to_packed, use_packed_attention
 from lmtune.model.rms_norm import use_fused_rms_norm
@@ -198,14 +198,15 @@ def preference_pairs():
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_pairs_sharing_their_prompt_give_the_same_log_probabilities_and_gradients(kind):
     from lmtune.data.batches import Batches
-    from lmtune.engine.loss import sequence_logps
+    from lmtune.losses import sequence_logps
+    from lmtune.stages.pairs import PairShape
 
     model = build(kind, pad_token_id=0)
     use_packed_attention(model)
     pairs = preference_pairs()
     results = []
     for share in (False, True):
-        batch = Batches(pairs, len(pairs), 0, packing=True, shuffle=False, share_prompts=share).collate(pairs)
+        batch = Batches(pairs, len(pairs), 0, packing=True, shuffle=False, shape=PairShape(share_prompts=share)).collate(pairs)
         model.zero_grad()
         sums, tokens = sequence_logps(model, batch)
         sums.sum().backward()

@@ -215,7 +215,7 @@ def test_llamafactory_sharegpt_preference_rows(tmp_path, tokenizer):
 def test_packed_batch_loss_equals_unpacked(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from lmtune.engine.loss import summed_token_loss
+    from lmtune.losses import summed_token_loss
     from lmtune.model.packed_attention import use_packed_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)

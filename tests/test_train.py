@@ -353,7 +353,7 @@ def test_last_feed_forward_runs_only_where_the_loss_reads(tmp_path, monkeypatch)
     from contextlib import nullcontext
 
     from lmtune.data.batches import pad_batch
-    from lmtune.engine import loss as loss_module
+    import lmtune.losses as loss_module
     from lmtune.model.load import load_model
 
     model = load_model(load_config(make_config(tmp_path)))
@@ -377,7 +377,7 @@ def test_last_feed_forward_runs_only_where_the_loss_reads(tmp_path, monkeypatch)
 
 def test_lean_mlp_gives_the_same_numbers_and_keeps_less(tmp_path):
     from lmtune.data.batches import pad_batch
-    from lmtune.engine.loss import summed_token_loss
+    from lmtune.losses import summed_token_loss
     from lmtune.model.lean_mlp import use_lean_mlp
     from lmtune.model.load import load_model
 

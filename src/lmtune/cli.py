@@ -86,7 +86,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def _check_records(config, config_dir: Path):
     """(a summary line, a problem) from reading local data rows as training will; no tokenizer, no torch."""
-    from .config.load import Problem
+    from .config.problem import Problem
     from .data.records import DataError
     from .data.pipeline import check_local_records
 

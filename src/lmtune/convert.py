@@ -259,6 +259,8 @@ def _llamafactory_dataset(names: Any, info_path: Optional[Path]) -> Entry:
         columns = dict(entry.get("columns", {}))
         if entry.get("ranking"):
             fmt = "preference"
+        elif "kto_tag" in columns:  # a conversation and a desirable/undesirable tag per row
+            fmt = "unpaired"
         elif entry.get("formatting") == "sharegpt" or "messages" in columns:
             fmt = "chat"
         else:
@@ -465,7 +467,7 @@ TRANSLATION_HOW = {
     "adapter": "`method`: lora or qlora; empty means full",
     "load_in_4bit": "true sets `method: qlora`",
     "quantization_bit": "4 sets `method: qlora`, 8 sets `int8_quantization`",
-    "rl": "`stage: dpo`, with ipo/orpo/simpo as `pref_loss`",
+    "rl": "`stage: dpo` (ipo/orpo/simpo as `pref_loss`) or `stage: kto`",
     "lora_target_linear": "true sets `lora_target: [all]`",
     "flash_attention": "true sets `attn_implementation: flash_attention_2`",
     "sdp_attention": "true sets `attn_implementation: sdpa`",

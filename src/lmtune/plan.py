@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config.method import trains_adapters
 from .errors import UserError
 
 GIB = 1024**3
@@ -226,7 +227,7 @@ def kept_per_token_layer(config: Any, shape: Shape, compute_bytes: int) -> float
     mask over its input (on CPU the dropped elements' 8-byte indices, fewer bytes up to p = 1/8)."""
     f = config.finetuning
     d, inter, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    targets = _lora_targets(shape, f.lora_target) if f.method in ("lora", "qlora") else []
+    targets = _lora_targets(shape, f.lora_target) if trains_adapters(f.method) else []
     feed_forward = (2 if "down_proj" not in targets else 3) * inter if shape.gated else 2 * inter
     kept = 4 * 3 * d + compute_bytes * (4 * d + 2 * kv + feed_forward + f.lora_r * len(targets))
     if f.method in ("full", "freeze") and shape.model_type not in FUSED_RMS_NORMS:
@@ -247,7 +248,7 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
     linear_weights = shape.layers * sum(i * o for i, o in shape.layer_linears().values())
 
     # weights: trained in fp32; a frozen base in the compute dtype, its linear layers in 4 or 8 bits when quantised
-    adapters = f.method in ("lora", "qlora")
+    adapters = trains_adapters(f.method)
     if f.method in ("full", "freeze"):
         frozen = total - trainable
         weights = trainable * 4 + frozen * compute_bytes

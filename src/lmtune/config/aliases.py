@@ -114,12 +114,12 @@ def _rl(value: Any) -> dict[str, Any]:
     text = str(value).strip().lower() if value is not None else ""
     if text in ("", "none", "false"):
         return {}
-    if text == "dpo":
-        return {"stage": "dpo"}
+    if text in ("dpo", "kto"):
+        return {"stage": text}
     if text in ("ipo", "orpo", "simpo"):
         return {"stage": "dpo", "pref_loss": text}
     raise AliasError(
-        f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo, orpo, simpo as pref_loss), rm and ppo"
+        f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo, orpo, simpo as pref_loss), kto, rm and ppo"
     )
 
 

@@ -13,6 +13,7 @@ import annotated_types as at
 
 from . import aliases
 from .schema import GROUPS, KEY_GROUP, Config, default_of, field_info
+from .method import trains_adapters
 
 GROUP_TITLES = {
     "model": "Model",
@@ -119,7 +120,7 @@ Comment = Callable[[Any, Config], Optional[str]]
 
 
 def _learning_rate(lr: float, c: Config) -> Optional[str]:
-    adapters = c.finetuning.method in ("lora", "qlora")
+    adapters = trains_adapters(c.finetuning.method)
     if adapters and lr < 3e-5:
         return f"{lr:g} is very small for LoRA (usually 1e-4 to 3e-4), typical for full fine-tuning; adapters will barely move"
     if adapters and lr > 1e-3:
@@ -181,7 +182,7 @@ def _max_grad_norm(value: float, c: Config) -> Optional[str]:
 
 
 def _weight_decay(value: float, c: Config) -> Optional[str]:
-    if c.finetuning.method in ("lora", "qlora") and value > 0:
+    if trains_adapters(c.finetuning.method) and value > 0:
         return f"{value:g} decays only the adapter weights (the base is frozen)"
     return None
 

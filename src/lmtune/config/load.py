@@ -18,17 +18,8 @@ from pydantic import ValidationError
 from ..errors import UserError
 
 from . import aliases
+from .problem import Problem
 from .schema import GROUPS, KEY_GROUP, Config, field_info
-
-
-@dataclass(frozen=True)
-class Problem:
-    level: str  # "error", "warning" or "note"
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.key}: {self.message}"
 
 
 @dataclass

@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .load import Problem
+from .problem import Problem
+from .schema import KEY_GROUP as KEY_ORDER
+from .method import trains_adapters
 
 if TYPE_CHECKING:
     from .load import Resolved
@@ -87,7 +89,7 @@ def settings_the_method_ignores(r: "Resolved") -> list[Problem]:
     method = r.config.finetuning.method
     out = []
     lora = _set_keys(r, LORA_KEYS)
-    if lora and method not in ("lora", "qlora"):
+    if lora and not trains_adapters(method):
         out.append(
             Problem("warning", ", ".join(lora), f"ignored with method: {method}; they apply to lora and qlora")
         )
@@ -176,88 +178,30 @@ def run_length(r: "Resolved") -> list[Problem]:
     return out
 
 
-def _ppo_reward(r: "Resolved") -> list[Problem]:
-    """Exactly one reward source, and one that exists."""
-    c = r.config.finetuning
-    if not c.reward_model and not c.reward_function:
-        fix = "train a reward model with stage: rm and set reward_model to its folder, or set reward_function: file.py:name"
-        return [Problem("error", "reward_model", f"stage ppo needs a reward: {fix}")]
-    if c.reward_model and c.reward_function:
-        return [Problem("error", "reward_model, reward_function", "stage ppo takes one reward source; remove one of the two")]
-    base = Path(r.path).resolve().parent if r.path else None
-    if c.reward_function:
-        from ..stages.ppo.reward_spec import RewardSpecError, check_reward_function
-
-        try:
-            check_reward_function(c.reward_function, base)
-        except RewardSpecError as error:
-            return [Problem("error", "reward_function", str(error).removeprefix("reward_function: "))]
-        return []
-    location = Path(c.reward_model).expanduser()
-    if not location.is_absolute() and base is not None and (base / location).exists():
-        location = base / location
-    if not location.exists():
-        if c.reward_model.startswith((".", "/", "~")):
-            return [Problem("error", "reward_model", f"{c.reward_model} does not exist; give an rm run's output_dir")]
-        if c.reward_model.count("/") > 1:  # not a hub id either; it may exist where training runs
-            return [Problem("warning", "reward_model", f"{c.reward_model} does not exist here; training needs it")]
-    meta = location / "final" / "lmtune.json" if (location / "final").is_dir() else location / "lmtune.json"
-    if meta.exists():
-        import json
-
-        stage = json.loads(meta.read_text()).get("stage")
-        if stage != "rm":
-            return [Problem("error", "reward_model", f"{c.reward_model} was trained with stage: {stage}; a reward model is an rm run")]
-    return []
-
-
 @rule
-def stage_needs(r: "Resolved") -> list[Problem]:
-    c, d = r.config.finetuning, r.config.data
-    out = []
-    if c.stage in ("rm", "dpo") and d.dataset_format not in ("auto", "preference"):
-        out.append(
-            Problem(
-                "error",
-                "dataset_format",
-                f"stage {c.stage} learns from preference pairs, but dataset_format is {d.dataset_format}; "
-                "use dataset_format: preference (prompt, chosen, rejected)",
-            )
-        )
-    if c.stage == "ppo":
-        out += _ppo_reward(r)
-    if c.stage == "ppo" and r.config.generation.top_p < 1.0:
-        out.append(Problem("warning", "top_p", "ppo samples rollouts from the whole distribution; below 1 the KL estimate and ratios are biased"))
-    if c.stage == "ppo" and d.dataset_format == "text":
-        out.append(Problem("error", "dataset_format", "stage ppo needs prompts (prompt, instruction, chat or preference rows), not raw text"))
-    if c.stage == "sft" and d.dataset_format == "text":
-        out.append(
-            Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")
-        )
-    if d.packing is True and c.stage == "ppo":
-        out.append(Problem("error", "packing", "packing applies to pt, sft, rm and dpo, not ppo's rollouts; set packing: false"))
-    if d.pack_to_length and c.stage not in ("pt", "sft"):
-        out.append(Problem("error", "pack_to_length", f"rows packed to a length are for pt and sft, not {c.stage}; set pack_to_length: false"))
+def the_stage_rules(r: "Resolved") -> list[Problem]:
+    """The stage's own rules, and the settings of other stages that this one ignores."""
+    from ..stages import STAGES, stage_of
+
+    stage = stage_of(r.config)
+    out = stage.rules(r)
+    d = r.config.data
+    if d.pack_to_length and not stage.packs_to_length:
+        packers = " and ".join(s.name for s in STAGES.values() if s.packs_to_length)
+        out.append(Problem("error", "pack_to_length", f"rows packed to a length are for {packers}, not {stage.name}; set pack_to_length: false"))
     elif d.pack_to_length and d.packing is False:
         out.append(Problem("error", "pack_to_length", "rows packed to a length are laid out without padding; remove packing: false, or set pack_to_length: false"))
     elif d.pack_to_length and d.group_by_length:
         out.append(Problem("warning", "group_by_length", "ignored with pack_to_length: rows are filled with examples of mixed lengths"))
-    if c.reward_model and c.stage != "ppo":
-        out.append(Problem("warning", "reward_model", f"ignored with stage: {c.stage}; it is used by ppo"))
-    if c.reward_function and c.stage != "ppo":
-        out.append(Problem("warning", "reward_function", f"ignored with stage: {c.stage}; it is used by ppo"))
-    ppo_only = _set_keys(r, tuple(k for k in type(c).model_fields if k.startswith("ppo_")))
-    if ppo_only and c.stage != "ppo":
-        out.append(Problem("warning", ", ".join(ppo_only), f"ignored with stage: {c.stage}; they apply to ppo"))
-    if c.stage == "dpo" and c.precompute_ref_logps and c.method in ("lora", "qlora"):
-        out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
-    if c.stage == "dpo" and c.pref_loss != "simpo" and r.was_set("simpo_gamma"):
-        out.append(Problem("warning", "simpo_gamma", f"ignored with pref_loss: {c.pref_loss}; it applies to simpo"))
-    if c.stage == "dpo" and c.pref_loss != "sigmoid" and c.dpo_label_smoothing > 0:
-        out.append(Problem("warning", "dpo_label_smoothing", f"ignored with pref_loss: {c.pref_loss}; it applies to sigmoid"))
-    dpo_only = _set_keys(r, ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "precompute_ref_logps"))
-    if dpo_only and c.stage != "dpo":
-        out.append(Problem("warning", ", ".join(dpo_only), f"ignored with stage: {c.stage}; they apply to dpo"))
+    mine = set(stage.keys())
+    ignored: dict[str, list[str]] = {}  # the stages they apply to -> the keys the user set
+    for key in sorted({k for s in STAGES.values() for k in s.keys()} - mine, key=list(KEY_ORDER).index):
+        if r.was_set(key):
+            owners = " and ".join(s.name for s in STAGES.values() if key in s.keys())
+            ignored.setdefault(owners, []).append(r.sources[key].name)
+    for owners, keys in ignored.items():
+        verb = "they apply" if len(keys) > 1 else "it applies"
+        out.append(Problem("warning", ", ".join(keys), f"ignored with stage: {stage.name}; {verb} to {owners}"))
     return out
 
 
@@ -292,8 +236,6 @@ def data_settings(r: "Resolved") -> list[Problem]:
                 "for the tokenizer's own chat template",
             )
         )
-    if r.config.finetuning.stage == "pt" and d.template is not None:
-        out.append(Problem("warning", "template", "ignored with stage: pt; raw text is trained as it is"))
     base = Path(d.dataset_dir) if d.dataset_dir else Path(r.path).parent if r.path else Path(".")
     for key, entries in (("dataset", d.dataset), ("validation_dataset", d.validation_dataset)):
         for entry in entries:

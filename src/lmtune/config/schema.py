@@ -13,52 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TOOLS = ("jumpstart", "axolotl", "llamafactory", "torchtune")
-
-
-def setting(
-    default: Any,
-    doc: str,
-    *,
-    more: str = "",
-    less: str = "",
-    jumpstart: tuple[str, ...] = (),
-    axolotl: tuple[str, ...] = (),
-    llamafactory: tuple[str, ...] = (),
-    torchtune: tuple[str, ...] = (),
-    **constraints: Any,
-) -> Any:
-    """A schema field with the documentation `explain` prints.
-
-    ``more``/``less`` say what raising/lowering the value does; the tool tuples
-    are the names the same setting has elsewhere (they become plain renames in
-    the alias table).
-    """
-    extra = {
-        "more": more,
-        "less": less,
-        "names": {
-            "jumpstart": list(jumpstart),
-            "axolotl": list(axolotl),
-            "llamafactory": list(llamafactory),
-            "torchtune": list(torchtune),
-        },
-    }
-    return Field(default, description=doc, json_schema_extra=extra, **constraints)
-
-
-def _split_commas(value: Any) -> Any:
-    """LLaMA-Factory and SageMaker pass lists as 'a,b,c' strings."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-class Group(BaseModel):
-    # Validators are built on first use, not at import: `explain KEY` and
-    # `explain --markdown` read the field docs and never need them.
-    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
-
+from .fields import TOOLS, Group, setting, split_commas  # noqa: F401  (TOOLS: read by aliases and docs)
 
 class ModelArgs(Group):
     base_model: Optional[str] = setting(
@@ -102,15 +57,9 @@ class ModelArgs(Group):
     )
 
 
-class FinetuningArgs(Group):
-    stage: Literal["pt", "sft", "rm", "dpo", "ppo"] = setting(
-        "sft",
-        "What is trained: `pt` continued pre-training on raw text, `sft` "
-        "supervised fine-tuning on responses, `rm` a reward model on preference "
-        "pairs, `dpo` direct preference optimisation, `ppo` reinforcement "
-        "learning against a reward model.",
-        llamafactory=("stage",),
-    )
+class FinetuningBase(Group):
+    """The method's settings; `FinetuningArgs` below puts `stage` before them and every stage's own settings after."""
+
     method: Literal["full", "freeze", "lora", "qlora"] = setting(
         "lora",
         "Which weights change: `full` all of them, `freeze` only chosen layers "
@@ -208,130 +157,39 @@ class FinetuningArgs(Group):
         "about 0.4 bits per parameter.",
         llamafactory=("double_quantization",),
     )
-    pref_beta: float = setting(
-        0.1,
-        "With `dpo`: how strongly the policy is held near the reference model.",
-        more="Stays closer to the reference; safer, learns the preference less.",
-        less="Follows the preference data harder; can drift or degrade.",
-        gt=0.0,
-        llamafactory=("pref_beta",),
-        axolotl=("rl_beta",),
-    )
-    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = setting(
-        "sigmoid",
-        "With `dpo`: the preference loss. `sigmoid` is the original DPO, `ipo` a "
-        "squared loss on length-averaged log-ratios, `hinge` a margin loss (SLiC); "
-        "`orpo` (odds ratio plus SFT on the chosen answer) and `simpo` (length-"
-        "averaged log-probabilities with a margin) need no reference model.",
-        llamafactory=("pref_loss",),
-    )
-    simpo_gamma: float = setting(
-        0.5,
-        "With `pref_loss: simpo`: the target margin between chosen and rejected rewards.",
-        more="Asks for a wider gap between chosen and rejected answers.",
-        less="A narrower gap is enough; 0 is plain length-normalised preference.",
-        ge=0.0,
-        llamafactory=("simpo_gamma",),
-    )
-    dpo_label_smoothing: float = setting(
-        0.0,
-        "With `pref_loss: sigmoid`: the share of preference labels assumed flipped "
-        "(conservative DPO); 0 trusts every pair.",
-        ge=0.0,
-        lt=0.5,
-        llamafactory=("dpo_label_smoothing",),
-        axolotl=("dpo_label_smoothing",),
-    )
-    pref_ftx: float = setting(
-        0.0,
-        "With `dpo`: weight of an added SFT loss (per-token negative log-likelihood) on the chosen answer.",
-        more="Keeps the policy fluent on the chosen answers; the preference counts less.",
-        less="Pure preference loss at 0.",
-        ge=0.0,
-        llamafactory=("pref_ftx",),
-    )
-    precompute_ref_logps: bool = setting(
-        False,
-        "With `dpo` and `method: full`: compute the reference model's log-probabilities "
-        "once before training, so training holds one model instead of two.",
-        axolotl=("precompute_ref_log_probs",),
-    )
-    reward_model: Optional[str] = setting(
-        None,
-        "With `ppo`: the reward model (a run folder of an `rm` stage, or a model "
-        "path) that scores the policy's answers.",
-        llamafactory=("reward_model",),
-    )
-    ppo_epochs: int = setting(
-        4,
-        "With `ppo`: optimisation passes over each batch of rollouts.",
-        ge=1,
-        llamafactory=("ppo_epochs",),
-    )
-    ppo_buffer_size: int = setting(
-        1,
-        "With `ppo`: rollout batches collected before each optimisation phase.",
-        ge=1,
-        llamafactory=("ppo_buffer_size",),
-    )
-    ppo_kl_coef: float = setting(
-        0.05,
-        "With `ppo`: weight of the KL penalty to the reference model in the reward.",
-        ge=0.0,
-    )
-    ppo_clip_range: float = setting(
-        0.2,
-        "With `ppo`: how far one update may move the policy's probability ratio.",
-        gt=0.0,
-    )
-    ppo_target_kl: Optional[float] = setting(
-        None,
-        "With `ppo`: make `ppo_kl_coef` adaptive, steering the KL to the reference "
-        "towards this value per answer (raised when the KL is above, lowered below).",
-        gt=0.0,
-        llamafactory=("ppo_target",),
-    )
-    reward_function: Optional[str] = setting(
-        None,
-        "With `ppo`: a rule-based reward instead of `reward_model`: `path/to/file.py:name`, "
-        "a function called with the prompts and the answers (lists of strings) that returns one float per answer.",
-    )
-    ppo_gamma: float = setting(
-        1.0,
-        "With `ppo`: discount of later rewards in the advantage estimate.",
-        gt=0.0,
-        le=1.0,
-    )
-    ppo_lam: float = setting(
-        0.95,
-        "With `ppo`: GAE lambda; how far the advantage estimate looks ahead before trusting the value head.",
-        more="Less bias, more variance.",
-        less="More reliance on the value head; less variance.",
-        ge=0.0,
-        le=1.0,
-    )
-    ppo_value_clip: float = setting(
-        0.2,
-        "With `ppo`: how far one update may move the value head's estimates from the rollout's.",
-        gt=0.0,
-    )
-    ppo_value_coef: float = setting(
-        0.1,
-        "With `ppo`: weight of the value head's loss beside the policy's.",
-        ge=0.0,
-    )
-    ppo_score_norm: bool = setting(
-        False,
-        "With `ppo`: normalise rewards by the running mean and standard deviation of all rewards seen.",
-        llamafactory=("ppo_score_norm",),
-    )
 
-    _lists = field_validator(
+
+def _with_stages(base: type[Group]) -> type[Group]:
+    """The finetuning group: `stage`, whose values and words come from the stage registry, the method's
+    settings, and each stage's own settings, under their flat keys."""
+    from pydantic import create_model
+
+    from ..stages import STAGES
+
+    names = tuple(STAGES)
+    fields: dict[str, Any] = {
+        "stage": (
+            Literal[names],  # type: ignore[valid-type]
+            setting("sft", "What is trained: " + "; ".join(f"`{n}` {s.summary}" for n, s in STAGES.items()) + ".",
+                    llamafactory=("stage",)),
+        ),
+        **{key: (info.annotation, info) for key, info in base.model_fields.items()},
+    }
+    for stage in STAGES.values():
+        for key, info in (stage.settings.model_fields.items() if stage.settings else ()):
+            if key in fields:
+                continue  # pt and sft share the causal LM's (empty) settings; dpo's are read by kto too
+            fields[key] = (info.annotation, info)
+    lists = field_validator(
         "lora_target", "lora_modules_to_save", "freeze_trainable_modules", "freeze_extra_modules", mode="before"
-    )(_split_commas)
+    )(split_commas)
+    return create_model("FinetuningArgs", __base__=Group, __module__=__name__, __validators__={"_lists": lists}, **fields)
 
 
-DatasetFormat = Literal["auto", "text", "instruction", "chat", "preference", "prompt"]
+FinetuningArgs = _with_stages(FinetuningBase)
+
+
+DatasetFormat = Literal["auto", "text", "instruction", "chat", "preference", "prompt", "unpaired"]
 
 
 class DatasetSpec(Group):
@@ -368,7 +226,8 @@ class DataArgs(Group):
     dataset_format: DatasetFormat = setting(
         "auto",
         "How rows are read: `text`, `instruction` (alpaca), `chat` (messages or "
-        "ShareGPT), `preference` (prompt/chosen/rejected) or `prompt`; `auto` "
+        "ShareGPT), `preference` (prompt/chosen/rejected), `unpaired` (prompt/"
+        "completion/label, for kto) or `prompt`; `auto` "
         "detects it from the columns.",
     )
     dataset_columns: dict[str, str] = setting(
@@ -506,7 +365,7 @@ class DataArgs(Group):
         axolotl=("group_by_length",),
     )
 
-    _lists = field_validator("dataset", "validation_dataset", mode="before")(_split_commas)
+    _lists = field_validator("dataset", "validation_dataset", mode="before")(split_commas)
 
 
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adam", "sgd", "rmsprop", "adafactor", "adamw_8bit"]
@@ -865,7 +724,7 @@ class OutputArgs(Group):
         llamafactory=("plot_loss",),
     )
 
-    _lists = field_validator("report_to", mode="before")(_split_commas)
+    _lists = field_validator("report_to", mode="before")(split_commas)
 
 
 class GenerationArgs(Group):

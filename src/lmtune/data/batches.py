@@ -21,22 +21,6 @@ import torch
 IGNORE = -100
 
 
-def lengths_of(examples: Sequence[dict[str, Any]]) -> list[int]:
-    """Tokens per example (a preference pair counts both of its sequences)."""
-    if examples and "chosen_input_ids" in examples[0]:
-        return [len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples]
-    return [len(e["input_ids"]) for e in examples]
-
-
-def pair_sequences(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A micro batch of preference pairs as sequences: every chosen answer, then every rejected one."""
-    return [
-        {"input_ids": pair[f"{side}_input_ids"], "labels": pair[f"{side}_labels"]}
-        for side in ("chosen", "rejected")
-        for pair in pairs
-    ]
-
-
 def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
     """Right-padded to the longest example of the batch."""
     ids_key, labels_key = f"{prefix}input_ids", f"{prefix}labels"
@@ -79,77 +63,6 @@ def packed_batch(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[st
     }
 
 
-def _shared_prompt_length(pair: dict[str, Any]) -> int:
-    """Tokens the chosen and rejected sequences share at their start, untrained in both (the prompt), leaving
-    each at least one token of its own."""
-    chosen, rejected = pair["chosen_input_ids"], pair["rejected_input_ids"]
-    chosen_labels, rejected_labels = pair["chosen_labels"], pair["rejected_labels"]
-    limit = min(len(chosen), len(rejected)) - 1
-    length = 0
-    while (
-        length < limit
-        and chosen[length] == rejected[length]
-        and chosen_labels[length] == IGNORE
-        and rejected_labels[length] == IGNORE
-    ):
-        length += 1
-    return length
-
-
-def shared_prompt_batch(pairs: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Each pair as one padding-free segment: the prompt once, the chosen answer, then the rejected answer.
-
-    The rejected answer attends to the prompt and to itself, never to the chosen
-    answer, and its positions continue from the prompt, so both answers see what
-    they would see in their own sequences while the prompt is computed once.
-    Because a token is then not always predicted by the row before it, the
-    trained tokens are listed with the row that predicts each (`target_rows`)
-    and the sequence they belong to (every chosen answer first, then every
-    rejected one, as in unshared batches).
-    """
-    count = len(pairs)
-    ids: list[int] = []
-    positions: list[int] = []
-    bounds, branches = [0], []
-    targets: list[int] = []
-    rows: list[int] = []
-    sequences: list[int] = []
-    sequence_tokens = 0
-    for index, pair in enumerate(pairs):
-        chosen, rejected = list(pair["chosen_input_ids"]), list(pair["rejected_input_ids"])
-        chosen_labels, rejected_labels = pair["chosen_labels"], pair["rejected_labels"]
-        shared = _shared_prompt_length(pair)
-        start = bounds[-1]
-        rejected_start = start + len(chosen)
-        ids += chosen + rejected[shared:]
-        positions += list(range(len(chosen))) + list(range(shared, len(rejected)))
-        for i in range(1, len(chosen)):
-            if chosen_labels[i] != IGNORE:
-                targets.append(chosen[i])
-                rows.append(start + i - 1)
-                sequences.append(index)
-        for i in range(1, len(rejected)):
-            if rejected_labels[i] != IGNORE:
-                before = i - 1
-                targets.append(rejected[i])
-                rows.append(start + before if before < shared else rejected_start + before - shared)
-                sequences.append(count + index)
-        branches.append((shared, len(chosen)))  # within the segment: where the prompt ends, where the rejected answer starts
-        bounds.append(rejected_start + len(rejected) - shared)
-        sequence_tokens += len(chosen) + len(rejected)
-    as_row = lambda values: torch.tensor(values, dtype=torch.long)[None]  # noqa: E731
-    return {
-        "input_ids": as_row(ids),
-        "position_ids": as_row(positions),
-        "cu_seq_lens": torch.tensor(bounds, dtype=torch.long),
-        "prompt_branches": torch.tensor(branches, dtype=torch.long),
-        "target_ids": torch.tensor(targets, dtype=torch.long),
-        "target_rows": torch.tensor(rows, dtype=torch.long),
-        "target_sequences": torch.tensor(sequences, dtype=torch.long),
-        "sequence_tokens": torch.tensor(sequence_tokens),
-    }
-
-
 def attention_inputs(batch: dict[str, torch.Tensor], implementation: Optional[str]) -> dict[str, Any]:
     """The keyword arguments a Hugging Face decoder takes for this batch."""
     if "cu_seq_lens" in batch:
@@ -189,6 +102,25 @@ def pack_rows(lengths: Sequence[int], row_length: int, seed: int) -> list[list[i
     return rows
 
 
+class Sequences:
+    """The shape of examples that are one sequence each (pt, sft). Stages whose examples hold more (pairs,
+    answers with a label) give Batches a shape of their own with the same three parts."""
+
+    note = ""  # what the shape adds to the layout line, when packed
+
+    def length(self, example: dict[str, Any]) -> int:
+        """Tokens the example lays out: what packing to a length and grouping by length read."""
+        return len(example["input_ids"])
+
+    def sequences(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The sequences (input_ids, labels) a micro batch of examples lays out."""
+        return list(examples)
+
+    def collate(self, examples: Sequence[dict[str, Any]], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+        sequences = self.sequences(examples)
+        return packed_batch(sequences) if packing else pad_batch(sequences, pad_id)
+
+
 class Batches:
     """One epoch's micro batches, reproducible from (seed, epoch), resumable from a position.
 
@@ -209,20 +141,23 @@ class Batches:
         group_by_length: bool = False,
         shuffle: bool = True,
         seed: int = 0,
-        share_prompts: bool = False,
         pack_length: Optional[int] = None,
+        shape: Optional[Sequences] = None,
     ):
         self.examples = examples
+        self.shape = shape or Sequences()
         self.pack_length = pack_length
         # Without pack_length every example is a row of its own.
-        self.rows = pack_rows(lengths_of(examples), pack_length, seed) if pack_length else [[i] for i in range(len(examples))]
-        self.share_prompts = share_prompts and packing  # pairs only: see shared_prompt_batch
+        self.rows = pack_rows(self.lengths(), pack_length, seed) if pack_length else [[i] for i in range(len(examples))]
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.packing = packing
         self.shuffle = shuffle
         self.seed = seed
         self.group_by_length = group_by_length
+
+    def lengths(self) -> list[int]:
+        return [self.shape.length(e) for e in self.examples]
 
     def __len__(self) -> int:
         return (len(self.rows) + self.micro_batch_size - 1) // self.micro_batch_size
@@ -231,7 +166,7 @@ class Batches:
         """Packed to a length: the share of the rows' positions that hold tokens."""
         if not self.pack_length:
             return 1.0
-        return sum(lengths_of(self.examples)) / (len(self.rows) * self.pack_length)
+        return sum(self.lengths()) / (len(self.rows) * self.pack_length)
 
     def examples_per_micro_batch(self) -> float:
         return len(self.examples) / max(len(self), 1)
@@ -245,7 +180,7 @@ class Batches:
         rng.shuffle(order)
         if self.group_by_length and not self.pack_length:
             # Sort within mega-batches of 50 micro batches: similar lengths together, still shuffled.
-            lengths = lengths_of(self.examples)
+            lengths = self.lengths()
             size = self.micro_batch_size * 50
             chunks = [sorted(order[i : i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
             groups = [c[i : i + self.micro_batch_size] for c in chunks for i in range(0, len(c), self.micro_batch_size)]
@@ -261,7 +196,7 @@ class Batches:
         real = total = 0
         for start in range(0, len(order), self.micro_batch_size):
             chosen = [self.examples[i] for i in order[start : start + self.micro_batch_size]]
-            lengths = [len(e["input_ids"]) for e in (pair_sequences(chosen) if "chosen_input_ids" in chosen[0] else chosen)]
+            lengths = [len(e["input_ids"]) for e in self.shape.sequences(chosen)]
             real += sum(lengths)
             total += max(lengths) * len(lengths)
         return 1 - real / total if total else 0.0
@@ -276,19 +211,7 @@ class Batches:
             yield self.collate([self.examples[i] for row in rows for i in self.rows[row]])
 
     def collate(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pairs = "chosen_input_ids" in examples[0]
-        if pairs and self.share_prompts:
-            batch = shared_prompt_batch(examples)
-        else:
-            sequences = pair_sequences(examples) if pairs else examples
-            batch = packed_batch(sequences) if self.packing else pad_batch(sequences, self.pad_id)
-        if pairs:
-            batch["pairs"] = torch.tensor(len(examples))
-            if "margin" in examples[0]:
-                batch["margin"] = torch.tensor([float(e["margin"][0]) for e in examples])
-            if "ref_logps" in examples[0]:  # dpo's reference log-probabilities, computed before training
-                batch["ref_logps"] = torch.tensor([list(map(float, e["ref_logps"])) for e in examples], dtype=torch.float32)
-        return batch
+        return self.shape.collate(examples, self.packing, self.pad_id)
 
 
 def batch_layout(batches: Batches, micro_per_step: int) -> str:
@@ -301,8 +224,5 @@ def batch_layout(batches: Batches, micro_per_step: int) -> str:
             f"{per_step:.1f} examples per step"
         )
     if batches.packing:
-        shown = "packed without padding"
-        if batches.share_prompts:
-            shown += ", each pair's prompt computed once"
-        return shown
+        return "packed without padding" + batches.shape.note
     return f"padding {batches.padding_fraction():.1%} of the positions"

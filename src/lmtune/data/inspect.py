@@ -67,6 +67,8 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
     color = sys.stdout.isatty()
     for number, example in enumerate(data.train[:show], 1):
         print(f"\n--- example {number} ({'trained tokens in green' if color else 'trained tokens in [[ ]]'})")
+        if "label" in example:  # kto: one answer, desirable or not
+            print(f"label: {'desirable' if example['label'][0] else 'undesirable'}")
         if "labels" in example:
             print(highlight(tokenizer, example["input_ids"], example["labels"], color))
         elif "chosen_input_ids" in example:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config.schema import Config, DatasetSpec
+from ..stages import stage_of
 from .records import (
     FORMAT_COLUMNS,
     DataError,
@@ -31,16 +32,7 @@ from .records import (
 from .templates import pick_renderer
 from .tokenize import tokenize_records
 
-DATA_VERSION = "2"  # preference pairs: dropped pairs counted, margins kept
-
-# The record kinds each stage can learn from.
-STAGE_KINDS = {
-    "pt": {"text"},
-    "sft": {"chat", "completion"},
-    "rm": {"preference"},
-    "dpo": {"preference"},
-    "ppo": {"prompt", "chat", "preference"},  # a preference row's prompt side
-}
+DATA_VERSION = "3"  # unpaired (kto) rows
 
 
 @dataclass
@@ -172,17 +164,15 @@ def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[lis
         if cap >= 0 and len(rows) > cap:
             summary.capped[which] = len(rows) - cap
             rows[:] = rows[:cap]
-    stage = config.finetuning.stage
+    stage = stage_of(config)
     kinds = {r["kind"] for r in train + val}
-    wrong = kinds - STAGE_KINDS[stage]
+    wrong = kinds - stage.reads
     if wrong:
         raise DataError(
-            f"stage {stage} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
-            f"{' or '.join(sorted(STAGE_KINDS[stage]))} data (check dataset_format and stage)"
+            f"stage {stage.name} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
+            f"{' or '.join(sorted(stage.reads))} data (check dataset_format and stage)"
         )
-    if stage == "ppo":  # ppo prompts: a chat's last answer, or a pair's answers, are what the policy must write
-        train = [_as_prompt(r) for r in train]
-        val = [_as_prompt(r) for r in val]
+    train, val = stage.records(train, val)
     return train, val, summary
 
 
@@ -199,15 +189,6 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
             if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
                 return None
     return load_records(config, config_dir)[2]
-
-
-def _as_prompt(record: dict[str, Any]) -> dict[str, Any]:
-    if record["kind"] == "prompt":
-        return record
-    if record["kind"] == "preference":
-        return {"kind": "prompt", "messages": record["messages"]}
-    messages = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
-    return {"kind": "prompt", "messages": messages}
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -6,6 +6,7 @@ Canonical records (plain dicts, cheap to pickle to workers):
 - completion: {"kind": "completion", "prompt": str, "completion": str}   (JumpStart template.json rows)
 - preference: {"kind": "preference", "messages": [...prompt turns], "chosen": str, "rejected": str}
 - prompt:     {"kind": "prompt", "messages": [...]}                      (ppo prompts)
+- unpaired:   {"kind": "unpaired", "messages": [...prompt turns], "completion": str, "label": bool}  (kto)
 
 Every bad row raises DataError naming the file, the row and the field.
 """
@@ -176,12 +177,15 @@ FORMAT_COLUMNS = {
     "chat": "messages (role/content), conversations (from/value) or dialog",
     "preference": "chosen + rejected, with prompt, messages or conversations",
     "prompt": "prompt, instruction, or messages without an answer",
+    "unpaired": "prompt + completion + label (true: desirable), or messages + kto_tag",
 }
 
 
 def detect_format(columns: set[str]) -> Optional[str]:
     if {"chosen", "rejected"} <= columns:
         return "preference"
+    if "kto_tag" in columns or ({"label", "completion"} <= columns):
+        return "unpaired"
     if columns & {"messages", "conversations", "dialog"}:
         return "chat"
     if "instruction" in columns and "output" in columns:
@@ -308,6 +312,8 @@ def normalise(row: Row, fmt: str) -> dict[str, Any]:
             except (TypeError, ValueError):
                 raise DataError(f"{row.where}: `margin` must be a number, got {values['margin']!r}") from None
         return record
+    if fmt == "unpaired":
+        return _unpaired(row)
     if fmt == "prompt":
         if "messages" in values or "conversations" in values:
             messages = _messages(row, "messages" if "messages" in values else "conversations")
@@ -317,6 +323,35 @@ def normalise(row: Row, fmt: str) -> dict[str, Any]:
             messages = _instruction_messages(row)
         return {"kind": "prompt", "messages": messages}
     raise DataError(f"unknown dataset format {fmt!r}")
+
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _unpaired(row: Row) -> dict[str, Any]:
+    """TRL's prompt/completion/label, or a conversation whose last assistant turn is the answer (LLaMA-Factory's kto_tag)."""
+    values = row.values
+    field = "kto_tag" if "kto_tag" in values else "label"
+    label = values.get(field)
+    if isinstance(label, str):
+        label = LABEL_WORDS.get(label.strip().lower(), label)
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise DataError(f"{row.where}: `{field}` must be true (a desirable answer) or false (undesirable), got {label!r}; "
+                        "every kto row needs a label (or kto_tag)")
+    if "messages" in values or "conversations" in values:
+        messages = _messages(row, "messages" if "messages" in values else "conversations")
+        _check_alternation(row, messages, need_answer=True)
+        return {"kind": "unpaired", "messages": messages[:-1], "completion": messages[-1]["content"], "label": label}
+    prompt = _need(row, "prompt")
+    if isinstance(prompt, list):  # TRL's conversational form: the prompt's turns
+        messages = _messages(row, "prompt")
+    else:
+        messages = _instruction_messages(row)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{row.where}: the prompt of a kto row must end with a user turn")
+    return {"kind": "unpaired", "messages": messages, "completion": _answer(row, "completion"), "label": label}
 
 
 def rename_columns(values: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:

@@ -124,6 +124,27 @@ def tokenize_preferences(
     return examples, outcomes
 
 
+def tokenize_unpaired(
+    records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
+) -> tuple[list[dict[str, list[int]]], Counter]:
+    """kto records: the prompt, then the answer; `label` is 1 for a desirable answer."""
+    suffix = renderer.answer_end()
+    prompts = [renderer.chat(r["messages"], add_answer_prefix=True) for r in records]
+    prompt_pieces = encode_batch(tokenizer, [text for segments in prompts for text, _ in segments])
+    answer_pieces = encode_batch(tokenizer, [r["completion"] + suffix for r in records])
+    examples, outcomes = [], Counter()
+    at = 0
+    for record, segments, answer_ids in zip(records, prompts, answer_pieces):
+        prompt_ids = [t for piece in prompt_pieces[at : at + len(segments)] for t in piece]
+        at += len(segments)
+        ids, labels = prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+        ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
+        outcomes[outcome] += 1
+        if ids is not None:
+            examples.append({"input_ids": ids, "labels": labels, "label": [int(record["label"])]})
+    return examples, outcomes
+
+
 def tokenize_text(
     records: list[dict[str, Any]], tokenizer: Any, max_len: int
 ) -> tuple[list[dict[str, list[int]]], Counter]:
@@ -149,4 +170,6 @@ def tokenize_records(
         return tokenize_text(records, tokenizer, max_len)
     if kind == "preference":
         return tokenize_preferences(records, renderer, tokenizer, max_len, policy)
+    if kind == "unpaired":
+        return tokenize_unpaired(records, renderer, tokenizer, max_len, policy)
     return tokenize_sequences(records, renderer, tokenizer, max_len, policy)

@@ -13,48 +13,37 @@ in the single-process format, so a run resumes with any process count.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from ..config.schema import Config
 from ..errors import UserError
+from ..model.sharded import fsdp2, is_sharded  # noqa: F401  (is_sharded: read by the recipes)
+
+if TYPE_CHECKING:
+    from ..config.schema import Config
 
 
 class DistributedError(UserError, RuntimeError):
     """A multi-process setup that cannot run as configured."""
 
 
-def _fsdp2() -> tuple[Any, Any, Any, Any]:
-    try:  # public from torch 2.6; 2.5 keeps it under _composable
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-    except ImportError:  # pragma: no cover - torch 2.5
-        from torch.distributed._composable.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-    return fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy
-
-
-def is_sharded(model: Any) -> bool:
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    return isinstance(model, _fsdp2()[1])
-
-
 def decoder_blocks(model: Any) -> list[torch.nn.Module]:
-    """The model's repeated blocks, by the class names transformers marks as not to be split (LlamaDecoderLayer, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or [])
+    """The model's repeated blocks, by the class names transformers marks as not to be split (LlamaDecoderLayer, ...),
+    read from every transformers model inside `model` (a PEFT wrapper, or ppo's policy beside its value head)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise DistributedError(f"enable_fsdp: {type(base).__name__} names no decoder block class to shard by; set enable_fsdp: false")
+        raise DistributedError(f"enable_fsdp: {type(model).__name__} names no decoder block class to shard by; set enable_fsdp: false")
     return blocks
 
 
-def shard(model: torch.nn.Module, config: Config, accelerator: Any) -> tuple[torch.nn.Module, list[str]]:
-    """FSDP2 over the processes: one unit per decoder block, the rest (embeddings, head, final norm) in the root unit.
-    Returns the model and notes for the user."""
+def shard(model: torch.nn.Module, config: "Config", accelerator: Any, apart: Any = ()) -> tuple[torch.nn.Module, list[str]]:
+    """FSDP2 over the processes: one unit per decoder block, one per module in `apart` (called on their own by the
+    loss), the rest (embeddings, head, final norm) in the root unit. Returns the model and notes for the user."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    fully_shard, _, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp2()
+    fully_shard, _, MixedPrecisionPolicy, CPUOffloadPolicy = fsdp2()
     d = config.distributed
     notes: list[str] = []
     world = accelerator.num_processes
@@ -78,6 +67,8 @@ def shard(model: torch.nn.Module, config: Config, accelerator: Any) -> tuple[tor
             options["offload_policy"] = CPUOffloadPolicy()
     for block in decoder_blocks(model):
         fully_shard(block, reshard_after_forward=reshard, **options)
+    for module in apart:
+        fully_shard(module, reshard_after_forward=reshard, **options)
     fully_shard(model, reshard_after_forward=reshard, **options)
     return model, notes
 

@@ -10,7 +10,8 @@ from ..data.pipeline import prepare
 from ..model.load import context_length, load_model, load_tokenizer
 from ..model.methods import apply_method
 from ..model.packed_attention import switch_to_packed
-from ..stages import stage_for
+from ..config.method import trains_adapters
+from ..stages import objective_for, stage_of
 from . import checkpoint
 from .loop import evaluate
 from .run import TrainingError, make_accelerator
@@ -42,8 +43,24 @@ def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: st
         raise TrainingError("no validation data: set validation_split_ratio or validation_dataset to evaluate")
     accelerator = make_accelerator(config)
     model = accelerator.prepare(model)
-    stage = stage_for(config)
+    stage, objective = stage_of(config), objective_for(config)
     packing, _ = switch_to_packed(model, config.data.packing if stage.packs else False)
-    batches = stage.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing)
-    metrics = evaluate(model, stage, batches, accelerator)
+    batches = objective.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing)
+    # A stage that compares against the starting policy (dpo, kto) gets it as in training: the adapter switched
+    # off, or the base model loaded again.
+    start = model if trains_adapters(config.finetuning.method) else load_model(config, head=stage.head)
+    objective.prepare(start, [batches], OneProcess(accelerator), data.folder)
+    metrics = evaluate(model, objective, batches, accelerator, stage.unit)
     return {"examples": len(data.val), **metrics}
+
+
+class OneProcess:
+    """The parts of a Run an objective's `prepare` reads, for an evaluation in this process."""
+
+    main, sharded = True, False
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+
+    def place_frozen(self, module: Any) -> Any:
+        return module.to(self.accelerator.device)

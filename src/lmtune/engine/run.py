@@ -1,6 +1,6 @@
 """What every training recipe does around its own steps.
 
-A recipe (engine/loop.py for pt, sft, rm and dpo; stages/ppo/train.py for ppo)
+A recipe (engine/loop.py, the shared loop; a stage's own, such as stages/ppo/train.py)
 opens a `Run`, builds its data and model, and then calls these parts in order:
 `prepare` (optimizer, schedule, devices), `resume_or_start`, `optimizer_step`
 once per update, `save_checkpoint`, and `finish` (final model, plot, summary).
@@ -27,6 +27,7 @@ from ..config.schema import Config
 from ..errors import UserError
 from . import checkpoint, distributed
 from .optim import build_optimizer, build_scheduler, warmup_steps
+from ..stages import stage_of
 from .report import MetricsLog, plot_loss, read_metrics
 
 
@@ -157,6 +158,11 @@ class Run:
         self.accelerator = make_accelerator(config)
         self.main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
+        d = config.distributed
+        self.sharded = self.world > 1 and d.enable_fsdp and d.fsdp_sharding_strategy != "no_shard"
+        refusal = stage_of(config).layout_problem(config, self.world, self.sharded)
+        if refusal:
+            raise distributed.DistributedError(refusal)
         if config.distributed.enable_fsdp and self.world == 1:
             self.notes.append("one process: nothing to shard, so this trains as a single-process run")
             self.say(f"note: enable_fsdp: {self.notes[-1]}")
@@ -166,7 +172,6 @@ class Run:
         self.state = state if state is not None else LoopState()
         self.log: Optional[MetricsLog] = None
         self.bar: Any = None
-        self.sharded = False
         self._open_folder()
 
     # -- the folder, messages and timing --------------------------------------
@@ -232,22 +237,15 @@ class Run:
 
     # -- optimisation ---------------------------------------------------------
 
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
-        """The optimizer and schedule for `total_steps` updates, and the model placed on its device(s)."""
-        t = self.config.training
+    def prepare(self, model: torch.nn.Module, total_steps: int, apart: list[torch.nn.Module] = ()) -> torch.nn.Module:
+        """The optimizer and schedule for `total_steps` updates, and the model placed on its device(s); `apart`:
+        submodules the loss calls on their own, which sharding makes units of their own."""
+        t, d = self.config.training, self.config.distributed
         warm = warmup_steps(t, total_steps)
         if warm > total_steps:
             self.notes.append(f"warmup ({warm} steps) is longer than the run ({total_steps} steps): the learning rate never peaks")
             self.say(f"warning: warmup_steps: {self.notes[-1]}")
-        d, stage = self.config.distributed, self.config.finetuning.stage
-        self.sharded = self.world > 1 and d.enable_fsdp and d.fsdp_sharding_strategy != "no_shard"
         if self.world > 1:
-            if stage == "ppo":
-                raise distributed.DistributedError("stage: ppo runs in one process in this version; launch one process")
-            if self.sharded and stage not in ("pt", "sft"):
-                raise distributed.DistributedError(
-                    f"enable_fsdp: sharding covers pt and sft in this version; {stage} trains data parallel with enable_fsdp: false"
-                )
             global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.world
             layout = "FSDP2 (" + d.fsdp_sharding_strategy + ")" if self.sharded else "data parallel"
             if d.enable_fsdp and not self.sharded:
@@ -255,21 +253,24 @@ class Run:
             self.say(f"processes: {self.world}, {layout} over {self.accelerator.state.backend or 'one device'}; global batch "
                      f"{t.micro_batch_size} x {t.gradient_accumulation_steps} accumulation x {self.world} processes = {global_batch}")
         if self.sharded:
-            model, notes = distributed.shard(model, self.config, self.accelerator)
+            model, notes = distributed.shard(model, self.config, self.accelerator, apart)
             for note in notes:
                 self.note(note)
-            self.optimizer = build_optimizer(model, t)  # over the sharded parameters
-            self.scheduler = build_scheduler(self.optimizer, t, total_steps)
-            self.optimizer = self.accelerator.prepare(self.optimizer)
         else:
             # With several processes and no sharding, each keeps the whole model, unwrapped (gradients are
             # averaged in optimizer_step), so the loss can run the decoder and the head apart as in one process.
             model.to(self.accelerator.device)
-            self.optimizer = build_optimizer(model, t)
-            self.scheduler = build_scheduler(self.optimizer, t, total_steps)
-            self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.optimizer = build_optimizer(model, t)  # over the sharded parameters, when sharded
+        self.scheduler = build_scheduler(self.optimizer, t, total_steps)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
         self.model = model
         return model
+
+    def place_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model beside the policy (a reference): sharded like the policy, or whole on this device."""
+        if self.sharded:
+            return distributed.shard(module, self.config, self.accelerator)[0]
+        return module.to(self.accelerator.device)
 
     def no_sync(self, last: bool) -> Any:
         """Around a micro batch's backward: FSDP2 exchanges gradients only on the step's last one."""
@@ -393,6 +394,19 @@ class Run:
                 json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2)
             )
         return result
+
+
+def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Optional[int], bool]:
+    """(evaluate every N steps, evaluate at each epoch end)."""
+    e = config.evaluation
+    strategy = e.eval_strategy or ("epoch" if has_val else "no")
+    if strategy == "no" or not has_val:
+        return None, False
+    if e.evals_per_epoch:
+        return max(1, steps_per_epoch // e.evals_per_epoch), False
+    if strategy == "steps":
+        return e.eval_steps, False
+    return None, True
 
 
 def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config.schema import Config
+from ..config.method import trains_adapters
 from ..errors import UserError
 from .builtin import builtin_path, is_builtin
 
@@ -120,7 +121,7 @@ def load_model(config: Config, location: str | None = None, head: str = "lm") ->
                 setattr(model_config, key, config.training.dropout)
     quant = quantization_config(config)
     # Frozen bases can live in the compute dtype; trained weights stay fp32 (autocast does the rest).
-    frozen_base = f.method in ("lora", "qlora")
+    frozen_base = trains_adapters(f.method)
     weights_dtype = compute_dtype(config) if frozen_base else torch.float32
     kwargs: dict[str, Any] = dict(
         config=model_config,

@@ -1,37 +1,44 @@
-"""Training stages: each says how examples become batches and what loss they give.
+"""The stage registry: every stage lmtune trains, by the name `stage:` takes.
 
-The shared loop (engine/loop.py) runs pt and sft (causal_lm), rm (reward) and
-dpo (preference). ppo alternates rollouts with updates, so it has its own
-recipe in ppo/, built from the same engine parts.
+A stage is one module (stages/base.py says what it declares). The engine runs
+`stage.recipe()` when the stage has its own loop, else the shared loop with
+`stage.objective(config)`; the config rules run `stage.rules`; the data step
+keeps the record kinds in `stage.reads`. Adding a stage is its module and a
+line below. Nothing here imports torch: `check` and `explain` read it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ..config.schema import Config
 from ..errors import UserError
+from .base import Objective, Stage, trains_adapters  # noqa: F401  (the names stage modules and callers use)
+from .causal_lm import PT, SFT
+from .kto import KTO_STAGE
+from .ppo import PPO
+from .preference import DPO
+from .reward import RM
+
+if TYPE_CHECKING:
+    from ..config.schema import Config
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PT, SFT, RM, DPO, KTO_STAGE, PPO)}
 
 
 class StageNotAvailable(UserError, ValueError):
-    """A stage that has no fixed-dataset loss (ppo learns from its own rollouts)."""
+    """A stage that has no loss on fixed data (ppo learns from its own rollouts)."""
 
 
-def stage_for(config: Config) -> Any:
-    stage = config.finetuning.stage
-    if stage in ("pt", "sft"):
-        from .causal_lm import CausalLM
+def stage_of(config: "Config") -> Stage:
+    return STAGES[config.finetuning.stage]
 
-        return CausalLM()
-    if stage == "rm":
-        from .reward import RewardModel
 
-        return RewardModel()
-    if stage == "dpo":
-        from .preference import Preference
-
-        return Preference(config)
-    raise StageNotAvailable(
-        f"stage: {stage} has no loss on fixed data to evaluate; its runs log eval_reward_mean "
-        "(fresh answers to the validation prompts) in metrics.jsonl"
-    )
+def objective_for(config: "Config") -> Objective:
+    """The loss on fixed data of the config's stage (training, `lmtune eval`)."""
+    stage = stage_of(config)
+    if not stage.evaluates_on_data:
+        raise StageNotAvailable(
+            f"stage: {stage.name} has no loss on fixed data to evaluate; its runs log eval_reward_mean "
+            "(fresh answers to the validation prompts) in metrics.jsonl"
+        )
+    return stage.objective(config)

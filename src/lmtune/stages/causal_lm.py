@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from ..config.problem import Problem
+from ..lazy import lazy
+from .base import Objective, Stage
 
-from ..config.schema import Config
-from ..data.batches import Batches
-from ..engine.loss import summed_token_loss, trained_tokens
+if TYPE_CHECKING:
+    import torch
+
+    from ..config.load import Resolved
+    from ..config.schema import Config
+    from ..data.batches import Batches
+
+batching = lazy("lmtune.data.batches")
+losses = lazy("lmtune.losses")
 
 
-class CausalLM:
-    packs = True  # its batches can be laid out padding-free
-    head = "lm"
-    unit = "tokens"  # what `count` counts, and what the loss is averaged over
+class CausalLM(Objective):
+    """The objective of pt and sft."""
 
-    def batches(self, examples: Any, config: Config, tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False,
-                pack_length: Optional[int] = None) -> Batches:
+    def batches(self, examples: Any, config: "Config", tokenizer: Any, shuffle: bool, for_eval: bool = False, packing: bool = False,
+                pack_length: Optional[int] = None) -> "Batches":
         """Micro batches laid out as one padding-free row each (packing), or padded to their longest example;
         with `pack_length`, micro batches of rows filled with examples up to that many tokens."""
         t = config.training
-        return Batches(
+        return batching.Batches(
             examples,
             config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size,
             tokenizer.pad_token_id,
@@ -33,8 +39,40 @@ class CausalLM:
             pack_length=pack_length if packing and not for_eval else None,
         )
 
-    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return summed_token_loss(model, batch), {}
+    def summed_loss(self, model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        return losses.summed_token_loss(model, batch), {}
 
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return trained_tokens(batch["labels"])
+    def count(self, batch: dict[str, "torch.Tensor"]) -> int:
+        return losses.trained_tokens(batch["labels"])
+
+
+class CausalLMStage(Stage):
+    packs_to_length = True
+
+    def objective(self, config: "Config") -> CausalLM:
+        return CausalLM()
+
+
+class Pretraining(CausalLMStage):
+    name = "pt"
+    summary = "continued pre-training on raw text"
+    reads = frozenset({"text"})
+
+    def rules(self, r: "Resolved") -> list[Problem]:
+        if r.config.data.template is not None:
+            return [Problem("warning", "template", "ignored with stage: pt; raw text is trained as it is")]
+        return []
+
+
+class SupervisedFineTuning(CausalLMStage):
+    name = "sft"
+    summary = "supervised fine-tuning on responses"
+    reads = frozenset({"chat", "completion"})
+
+    def rules(self, r: "Resolved") -> list[Problem]:
+        if r.config.data.dataset_format == "text":
+            return [Problem("error", "dataset_format", "sft learns responses and raw text has none; use stage: pt for raw text")]
+        return []
+
+
+PT, SFT = Pretraining(), SupervisedFineTuning()

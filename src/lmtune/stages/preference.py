@@ -4,47 +4,102 @@ Each micro batch holds `micro_batch_size` pairs; their chosen and rejected
 answers go through the model in one forward pass (one padding-free row, or one
 padded block). A sequence's log-probability is the sum over its answer tokens.
 
-The reference policy is the starting model: with LoRA the same weights with the
-adapter switched off (never a second copy); with full fine-tuning a frozen copy,
-or the reference log-probabilities computed once before training
-(`precompute_ref_logps`). `orpo` and `simpo` need no reference.
+The reference policy is the starting model (stages/reference.py): with LoRA the
+same weights with the adapter switched off (never a second copy); with full
+fine-tuning a frozen copy, or the reference log-probabilities computed once
+before training (`precompute_ref_logps`). `orpo` and `simpo` need no reference.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import torch
-import torch.nn.functional as F
+from ..config.fields import Group, setting
+from ..config.problem import Problem
+from ..lazy import lazy
+from .base import trains_adapters
+from .pairs import PairObjective, PairStage
+from .reference import Reference, precomputed
 
-from ..config.schema import Config
-from ..data.batches import Batches
-from ..engine.loss import sequence_logps
-from .pairs import PairStage
+if TYPE_CHECKING:
+    from ..config.load import Resolved
+    from ..config.schema import Config
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+losses = lazy("lmtune.losses")
 
 REFERENCE_FREE = ("orpo", "simpo")
+
+
+class PreferenceArgs(Group):
+    pref_beta: float = setting(
+        0.1,
+        "With `dpo` and `kto`: how strongly the policy is held near the reference model.",
+        more="Stays closer to the reference; safer, learns the preference less.",
+        less="Follows the preference data harder; can drift or degrade.",
+        gt=0.0,
+        llamafactory=("pref_beta",),
+        axolotl=("rl_beta",),
+    )
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = setting(
+        "sigmoid",
+        "With `dpo`: the preference loss. `sigmoid` is the original DPO, `ipo` a "
+        "squared loss on length-averaged log-ratios, `hinge` a margin loss (SLiC); "
+        "`orpo` (odds ratio plus SFT on the chosen answer) and `simpo` (length-"
+        "averaged log-probabilities with a margin) need no reference model.",
+        llamafactory=("pref_loss",),
+    )
+    simpo_gamma: float = setting(
+        0.5,
+        "With `pref_loss: simpo`: the target margin between chosen and rejected rewards.",
+        more="Asks for a wider gap between chosen and rejected answers.",
+        less="A narrower gap is enough; 0 is plain length-normalised preference.",
+        ge=0.0,
+        llamafactory=("simpo_gamma",),
+    )
+    dpo_label_smoothing: float = setting(
+        0.0,
+        "With `pref_loss: sigmoid`: the share of preference labels assumed flipped "
+        "(conservative DPO); 0 trusts every pair.",
+        ge=0.0,
+        lt=0.5,
+        llamafactory=("dpo_label_smoothing",),
+        axolotl=("dpo_label_smoothing",),
+    )
+    pref_ftx: float = setting(
+        0.0,
+        "With `dpo`: weight of an added SFT loss (per-token negative log-likelihood) on the chosen answer.",
+        more="Keeps the policy fluent on the chosen answers; the preference counts less.",
+        less="Pure preference loss at 0.",
+        ge=0.0,
+        llamafactory=("pref_ftx",),
+    )
+    precompute_ref_logps: bool = setting(
+        False,
+        "With `dpo` or `kto` and `method: full`: compute the reference model's log-probabilities "
+        "once before training, so training holds one model instead of two.",
+        axolotl=("precompute_ref_log_probs",),
+    )
 
 
 @dataclass
 class PairLogps:
     """Summed log-probabilities of the chosen and rejected answers, and their token counts."""
 
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
+    chosen: "torch.Tensor"
+    rejected: "torch.Tensor"
+    chosen_tokens: "torch.Tensor"
+    rejected_tokens: "torch.Tensor"
 
     @classmethod
-    def split(cls, sums: torch.Tensor, tokens: torch.Tensor) -> "PairLogps":
+    def split(cls, sums: "torch.Tensor", tokens: "torch.Tensor") -> "PairLogps":
         half = sums.shape[0] // 2  # the batch holds every chosen answer, then every rejected one
         return cls(sums[:half], sums[half:], tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))
 
-    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def averages(self) -> tuple["torch.Tensor", "torch.Tensor"]:
         return self.chosen / self.chosen_tokens, self.rejected / self.rejected_tokens
 
 
@@ -98,81 +153,36 @@ def pair_losses(
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
-def _unwrapped(model: Any) -> Any:
-    return getattr(model, "module", model)  # DDP
-
-
-@torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Which starting weights these are: each tensor's shape, sum and absolute sum (one pass, no copy)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        values = tensor.detach().double()
-        digest.update(f"{name}{tuple(tensor.shape)}{float(values.sum())!r}{float(values.abs().sum())!r}".encode())
-    return digest.hexdigest()[:16]
-
-
-class Preference(PairStage):
-    shares_prompts = True  # packed pairs compute their prompt once (exact: see data.batches.shared_prompt_batch)
-
-    def __init__(self, config: Config):
+class Preference(PairObjective):
+    def __init__(self, config: "Config"):
         f = config.finetuning
         self.kind, self.beta = f.pref_loss, f.pref_beta
         self.options = dict(label_smoothing=f.dpo_label_smoothing, simpo_gamma=f.simpo_gamma, ftx=f.pref_ftx)
         self.method = f.method
-        self.precompute = f.precompute_ref_logps and f.method in ("full", "freeze")
-        self.reference_model: Optional[torch.nn.Module] = None
+        self.precompute = f.precompute_ref_logps and not trains_adapters(f.method)
+        self.reference: Optional[Reference] = None
 
-    def prepare(self, model: Any, batch_sets: list[Batches], cache_folder: Optional[Path] = None) -> None:
-        """Before training: keep the reference policy (unless reference-free or an adapter can be switched off)."""
-        if self.kind in REFERENCE_FREE or self.method in ("lora", "qlora"):
+    def prepare(self, model: Any, batch_sets: list, run: Any, cache_folder: Optional[Path]) -> None:
+        """Before training: the reference policy (unless reference-free), or its log-probabilities of every pair."""
+        if self.kind in REFERENCE_FREE:
             return
-        if not self.precompute:
-            self.reference_model = copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
+        if self.precompute:
+            precomputed(model, batch_sets, run, cache_folder, "ref_logps", _pair_sums)
             return
-        # One pass over every pair, kept beside the tokenised data (for the same starting weights), so a resumed
-        # or repeated run reads them; they ride along with the examples, and training holds one model.
-        stored = cache_folder / f"ref_logps-{weights_fingerprint(_unwrapped(model))}.json" if cache_folder else None
-        if stored is not None and stored.exists():
-            saved = json.loads(stored.read_text())
-            if [len(b.examples) for b in batch_sets] == [len(values) for values in saved]:
-                for batches, values in zip(batch_sets, saved):
-                    for example, pair in zip(batches.examples, values):
-                        example["ref_logps"] = pair
-                return
-        frozen = copy.deepcopy(_unwrapped(model)).eval().requires_grad_(False)
-        device = next(frozen.parameters()).device
-        for batches in batch_sets:
-            examples = batches.examples
-            for start in range(0, len(examples), batches.micro_batch_size):
-                chunk = examples[start : start + batches.micro_batch_size]
-                batch = {k: v.to(device) for k, v in batches.collate(chunk).items()}
-                with torch.no_grad():
-                    sums, _ = sequence_logps(frozen, batch)
-                for row, example in enumerate(chunk):
-                    example["ref_logps"] = [float(sums[row]), float(sums[len(chunk) + row])]
-        del frozen
-        if stored is not None:
-            partial = stored.with_suffix(".partial")
-            partial.write_text(json.dumps([[e["ref_logps"] for e in b.examples] for b in batch_sets]))
-            partial.replace(stored)
+        self.reference = Reference(model, self.method, run)
 
-    def _reference(self, model: Any, batch: dict[str, torch.Tensor], policy: PairLogps) -> Optional[PairLogps]:
+    def _reference(self, model: Any, batch: dict[str, "torch.Tensor"], policy: PairLogps) -> Optional[PairLogps]:
         if self.kind in REFERENCE_FREE:
             return None
         if "ref_logps" in batch:
             ref = batch["ref_logps"]
             return PairLogps(ref[:, 0], ref[:, 1], policy.chosen_tokens, policy.rejected_tokens)
-        with torch.no_grad():
-            if self.reference_model is not None:
-                sums, tokens = sequence_logps(self.reference_model, batch)
-            else:
-                with _unwrapped(model).disable_adapter():
-                    sums, tokens = sequence_logps(model, batch)
+        with self.reference.policy(model) as reference:
+            sums, tokens = losses.sequence_logps(reference, batch)
         return PairLogps.split(sums, tokens)
 
-    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        policy = PairLogps.split(*sequence_logps(model, batch))
+    def summed_loss(self, model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        policy = PairLogps.split(*losses.sequence_logps(model, batch))
         reference = self._reference(model, batch, policy)
         loss, chosen, rejected = pair_losses(self.kind, self.beta, policy, reference, **self.options)
         metrics = {
@@ -183,3 +193,31 @@ class Preference(PairStage):
         }
         return loss.sum(), metrics
 
+
+def _pair_sums(frozen: Any, batch: dict[str, "torch.Tensor"], pairs: int) -> list[list[float]]:
+    sums, _ = losses.sequence_logps(frozen, batch)
+    return [[float(sums[row]), float(sums[pairs + row])] for row in range(pairs)]
+
+
+class DirectPreference(PairStage):
+    name = "dpo"
+    summary = "direct preference optimisation (and ipo, orpo, simpo, hinge)"
+    settings = PreferenceArgs
+    shares_prompts = True  # packed pairs compute their prompt once (exact: see pairs.shared_prompt_batch)
+
+    def objective(self, config: "Config") -> Preference:
+        return Preference(config)
+
+    def rules(self, r: "Resolved") -> list[Problem]:
+        c = r.config.finetuning
+        out = super().rules(r)
+        if c.precompute_ref_logps and trains_adapters(c.method):
+            out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
+        if c.pref_loss != "simpo" and r.was_set("simpo_gamma"):
+            out.append(Problem("warning", "simpo_gamma", f"ignored with pref_loss: {c.pref_loss}; it applies to simpo"))
+        if c.pref_loss != "sigmoid" and c.dpo_label_smoothing > 0:
+            out.append(Problem("warning", "dpo_label_smoothing", f"ignored with pref_loss: {c.pref_loss}; it applies to sigmoid"))
+        return out
+
+
+DPO = DirectPreference()

@@ -12,38 +12,40 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from ..lazy import lazy
+from .pairs import PairObjective, PairStage
 
-from ..data.batches import attention_inputs
-from ..engine.loss import last_token_rows
-from ..model.last_block import feed_forward_only_at
-from .pairs import PairStage
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+batching = lazy("lmtune.data.batches")
+losses = lazy("lmtune.losses")
+last_block = lazy("lmtune.model.last_block")
 
 
-def reward_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+def reward_parts(model: Any) -> tuple[Any, Any]:
     """(the decoder, the scalar head) of a sequence-classification model, with or without a PEFT wrapper."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     hf = getattr(hf, "module", hf)
     return hf.base_model, hf.score
 
 
-def rewards(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def rewards(model: Any, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
     """One reward per sequence of the batch, read at its last real token."""
     decoder, head = reward_parts(model)
-    rows = last_token_rows(batch)
-    inputs = attention_inputs(batch, getattr(decoder.config, "_attn_implementation", None))
-    with feed_forward_only_at(decoder, rows):
+    rows = losses.last_token_rows(batch)
+    inputs = batching.attention_inputs(batch, getattr(decoder.config, "_attn_implementation", None))
+    with last_block.feed_forward_only_at(decoder, rows):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
     last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
     weight = head.weight if hasattr(head, "weight") else next(head.parameters())
     return head(last.to(weight.dtype)).squeeze(-1).float()
 
 
-class RewardModel(PairStage):
-    head = "reward"
+class RewardModel(PairObjective):
+    def called_apart(self, model: Any) -> list[Any]:
+        return list(reward_parts(model))
 
-    def summed_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def summed_loss(self, model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
         scores = rewards(model, batch)
         pairs = int(batch["pairs"])
         chosen, rejected = scores[:pairs], scores[pairs:]
@@ -54,3 +56,15 @@ class RewardModel(PairStage):
             "reward_margin": (chosen - rejected).sum().detach(),
         }
         return loss.sum(), metrics
+
+
+class RewardModelling(PairStage):
+    name = "rm"
+    summary = "a reward model on preference pairs"
+    head = "reward"
+
+    def objective(self, config: Any) -> RewardModel:
+        return RewardModel()
+
+
+RM = RewardModelling()

@@ -7,13 +7,13 @@ starts in the same column; answers are right-padded after their stop token.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ...engine.loss import uses_plain_head
+from ...losses import uses_plain_head
 from ...generate import stop_ids
 
 
@@ -65,6 +65,10 @@ class Rollout:
     def answers(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_width :]
 
+    def to(self, device: Any) -> "Rollout":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -74,13 +78,16 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def sample_answers(policy: Any, tokenizer: Any, prompts: list[list[int]], generation: Any, device: torch.device) -> Rollout:
+def sample_answers(
+    policy: Any, tokenizer: Any, prompts: list[list[int]], generation: Any, device: torch.device, synced: bool = False
+) -> Rollout:
     """Sample one answer per prompt with the KV cache (always sampling: ppo learns from what it tries).
 
     No top-k cut: the log-probabilities, ratios and KL are computed on the whole
     distribution, and answers drawn from only its top tokens would bias them (the
     KL to the reference would come out several times too large). `top_p` is
-    honoured as set; `check` warns below 1 for the same reason.
+    honoured as set; `check` warns below 1 for the same reason. `synced`: a sharded
+    policy, whose processes must run the same number of forward passes.
     """
     pad = tokenizer.pad_token_id
     ids, mask = left_padded(prompts, pad)
@@ -96,6 +103,7 @@ def sample_answers(policy: Any, tokenizer: Any, prompts: list[list[int]], genera
         eos_token_id=stops,
         pad_token_id=pad,
         use_cache=True,
+        synced_gpus=synced,
     )
     answers = output[:, ids.shape[1] :]
     is_stop = torch.isin(answers, torch.tensor(stops, device=answers.device))

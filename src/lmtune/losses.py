@@ -1,4 +1,5 @@
-"""Causal LM loss on the trained positions only, in chunks.
+"""Losses on micro batches, below both the stages and the engine: next-token losses on the trained positions
+only, in chunks; per-sequence log-probabilities; the rows of each sequence's last token.
 
 Full `batch x sequence x vocab` fp32 logits dominate memory for large
 vocabularies; here the output head runs only on positions whose label is
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..data.batches import IGNORE, attention_inputs
-from ..model.last_block import feed_forward_only_at
+from .data.batches import IGNORE, attention_inputs
+from .model.last_block import feed_forward_only_at
+from .model.sharded import is_sharded
 
 CHUNK = 1024
 
@@ -31,8 +33,6 @@ def uses_plain_head(model: torch.nn.Module) -> bool:
     """Whether the head may run apart from the model's forward. Models that scale or cap their logits need
     their own forward; so does a model sharded with FSDP2, whose root gathers the embeddings, final norm and
     head (possibly one tied tensor) only around the model's own forward."""
-    from .distributed import is_sharded
-
     config = model.config
     return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) or is_sharded(model))
 
