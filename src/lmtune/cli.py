@@ -254,7 +254,10 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(config, Path(args.config).resolve().parent, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports for all
-    print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} trained tokens/s)")
+    from .stages import stage_of
+
+    unit = {"tokens": "trained tokens"}.get(stage_of(config).unit, stage_of(config).unit)
+    print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} {unit}/s)")
     if result.train_loss is not None:
         print(f"  last train loss {result.train_loss:.4f}" + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.best_checkpoint:

@@ -178,7 +178,7 @@ def _with_stages(base: type[Group]) -> type[Group]:
     for stage in STAGES.values():
         for key, info in (stage.settings.model_fields.items() if stage.settings else ()):
             if key in fields:
-                continue  # pt and sft share the causal LM's (empty) settings; dpo's are read by kto too
+                continue  # a stage's settings may be another's (`also_uses`), declared once
             fields[key] = (info.annotation, info)
     lists = field_validator(
         "lora_target", "lora_modules_to_save", "freeze_trainable_modules", "freeze_extra_modules", mode="before"

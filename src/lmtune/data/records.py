@@ -344,10 +344,9 @@ def _unpaired(row: Row) -> dict[str, Any]:
         messages = _messages(row, "messages" if "messages" in values else "conversations")
         _check_alternation(row, messages, need_answer=True)
         return {"kind": "unpaired", "messages": messages[:-1], "completion": messages[-1]["content"], "label": label}
-    prompt = _need(row, "prompt")
-    if isinstance(prompt, list):  # TRL's conversational form: the prompt's turns
+    if isinstance(values.get("prompt"), list):  # TRL's conversational form: the prompt's turns
         messages = _messages(row, "prompt")
-    else:
+    else:  # prompt, or instruction (+ input) as alpaca rows write it
         messages = _instruction_messages(row)
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{row.where}: the prompt of a kto row must end with a user turn")

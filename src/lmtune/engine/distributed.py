@@ -30,7 +30,7 @@ class DistributedError(UserError, RuntimeError):
 
 def decoder_blocks(model: Any) -> list[torch.nn.Module]:
     """The model's repeated blocks, by the class names transformers marks as not to be split (LlamaDecoderLayer, ...),
-    read from every transformers model inside `model` (a PEFT wrapper, or ppo's policy beside its value head)."""
+    read from every transformers model inside `model` (a PEFT wrapper, or a policy beside a value head)."""
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:

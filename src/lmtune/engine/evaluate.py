@@ -46,7 +46,7 @@ def evaluate_run(config: Config, config_dir: Optional[Path], checkpoint_path: st
     stage, objective = stage_of(config), objective_for(config)
     packing, _ = switch_to_packed(model, config.data.packing if stage.packs else False)
     batches = objective.batches(data.val, config, tokenizer, shuffle=False, for_eval=True, packing=packing)
-    # A stage that compares against the starting policy (dpo, kto) gets it as in training: the adapter switched
+    # A stage that compares against the starting policy gets it as in training: the adapter switched
     # off, or the base model loaded again.
     start = model if trains_adapters(config.finetuning.method) else load_model(config, head=stage.head)
     objective.prepare(start, [batches], OneProcess(accelerator), data.folder)

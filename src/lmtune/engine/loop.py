@@ -13,6 +13,7 @@ bring their own recipe. A stage with a recipe of its own runs that instead.
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from pathlib import Path
@@ -75,8 +76,9 @@ def train(
 ) -> RunResult:
     """Run one training; `on_step` is called after every optimizer step (benchmarks, integrations)."""
     stage = stage_of(config)
-    recipe = stage.recipe()
-    if recipe is not None:
+    if stage.recipe is not None:
+        module, _, function = stage.recipe.partition(":")
+        recipe = getattr(importlib.import_module(module), function)
         return recipe(config, config_dir, resume=resume, quiet=quiet, on_step=on_step)
     return SharedLoop(config, stage, config_dir, resume, quiet, on_step).train()
 
@@ -96,7 +98,7 @@ class SharedLoop:
         self.micro_per_step = t.gradient_accumulation_steps * self.world  # each process takes every world-th micro batch
         self.steps_per_epoch = math.ceil(len(self.train_batches) / self.micro_per_step)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * self.steps_per_epoch)
-        # The reference (dpo, kto) is taken from the starting weights, before they are placed, sharded or updated.
+        # A stage's reference is taken from the starting weights, before they are placed, sharded or updated.
         objective.prepare(model, [b for b in (self.train_batches, self.eval_batches) if b is not None], run, data.folder)
         self.model = run.prepare(model, self.total_steps, objective.called_apart(model) if run.sharded else [])
         self.accelerator = run.accelerator

@@ -1,6 +1,6 @@
 """What every training recipe does around its own steps.
 
-A recipe (engine/loop.py, the shared loop; a stage's own, such as stages/ppo/train.py)
+A recipe (engine/loop.py, the shared loop, or a stage's own)
 opens a `Run`, builds its data and model, and then calls these parts in order:
 `prepare` (optimizer, schedule, devices), `resume_or_start`, `optimizer_step`
 once per update, `save_checkpoint`, and `finish` (final model, plot, summary).
@@ -96,13 +96,13 @@ def make_accelerator(config: Config) -> Any:
 def keep_large_blocks_out_of_the_heap() -> None:
     """glibc serves large blocks with mmap, but raises that threshold after each large free (up to 32 MiB), so
     activation-sized tensors then come from the heap, which fragments and keeps a higher peak from step to step.
-    A fixed 16 MiB threshold returns each large tensor to the system when freed. Measured on the benchmark's pt
+    A fixed 16 MiB threshold returns each large tensor to the system when freed. Measured on the benchmark's pre-training
     job (2 runs each, 2 cores): 16 MiB gave 9% less peak memory at the same speed; 8 MiB 20% less but 16% slower
-    (each large allocation then faults its pages in afresh); LoRA SFT was unchanged either way.
+    (each large allocation then faults its pages in afresh); LoRA fine-tuning was unchanged either way.
 
     Fixing the threshold also fixes glibc's trim threshold at 128 KiB: the heap's free top went back to the
     system after nearly every step and its pages were faulted in again on the next (100-140 thousand page
-    faults per pt step). The heap top is kept instead, grown 64 MiB at a time: a quarter of the faults and
+    faults per pre-training step). The heap top is kept instead, grown 64 MiB at a time: a quarter of the faults and
     about half the system time at the same peak (peak resident memory counts those pages once either way)."""
     import ctypes
     import ctypes.util

@@ -5,12 +5,12 @@ its own settings (flat keys like every other setting), the record kinds it
 learns from, its config rules, and what it supports on several processes. It
 builds the torch side when a run starts: an `Objective` (how examples become
 micro batches, the summed loss, what it is averaged over) that the shared loop
-(engine/loop.py) runs, or a recipe of its own when the stage needs its own loop.
+(engine/loop.py) runs, or names a recipe of its own when it needs its own loop.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config.method import trains_adapters  # noqa: F401  (the stages read it from here)
 
@@ -89,9 +89,9 @@ class Stage:
     def objective(self, config: "Config") -> Objective:
         raise NotImplementedError(f"stage {self.name} runs its own recipe")
 
-    def recipe(self) -> Optional[Callable[..., Any]]:
-        """Its own training loop, built from engine.run's parts; None runs the shared loop with `objective`."""
-        return None
+    # Its own training loop, built from engine.run's parts, as "module:function" (the engine imports it, so the
+    # stage's description does not import the engine); None runs the shared loop with `objective`.
+    recipe: Optional[str] = None
 
     def layout_problem(self, config: "Config", processes: int, sharded: bool) -> Optional[str]:
         """One line naming the setting, when the stage cannot run the asked layout; None when it can."""

@@ -13,7 +13,7 @@ them, so it has its own loop built from the engine's shared parts (engine/run.py
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...config.fields import Group, setting
 from ...config.problem import Problem
@@ -146,7 +146,7 @@ class ProximalPolicyOptimisation(Stage):
     reads = frozenset({"prompt", "chat", "preference", "unpaired"})
     settings = PPOArgs
     packs = False  # rollouts are left-padded prompts and sampled answers
-    unit = "answers"
+    unit = "answer tokens"  # what the run counts (its summary's rate); each iteration also logs answers_per_second
     evaluates_on_data = False
 
     def rules(self, r: "Resolved") -> list[Problem]:
@@ -157,16 +157,13 @@ class ProximalPolicyOptimisation(Stage):
         if d.dataset_format == "text":
             out.append(Problem("error", "dataset_format", "stage ppo needs prompts (prompt, instruction, chat or preference rows), not raw text"))
         if d.packing is True:
-            out.append(Problem("error", "packing", "packing applies to pt, sft, rm, dpo and kto, not ppo's rollouts; set packing: false"))
+            out.append(Problem("error", "packing", "packing lays out fixed data, not ppo's rollouts; set packing: false"))
         return out
 
     def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return [as_prompt(r) for r in train], [as_prompt(r) for r in val]
 
-    def recipe(self) -> Optional[Callable[..., Any]]:
-        from .train import train_ppo
-
-        return train_ppo
+    recipe = "lmtune.stages.ppo.train:train_ppo"
 
 
 PPO = ProximalPolicyOptimisation()
