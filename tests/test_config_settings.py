@@ -28,6 +28,8 @@ SAMPLES = {
     "max_val_samples": 10,
     "max_steps": 50,
     "freeze_trainable_layers": 4,
+    "reward_function": "rewards.py:score",
+    "reward_weights": [1.0, 0.5],
 }
 
 

@@ -13,7 +13,7 @@ from lmtune.config.load import resolve
 from lmtune.engine.loop import train
 from lmtune.engine.report import read_metrics
 from lmtune.stages.ppo.objective import AdaptiveKL, RunningMoments, gae, policy_loss, token_rewards, value_loss, whiten
-from lmtune.stages.ppo.rollout import prompts_for
+from lmtune.stages.rl.prompts import prompts_for
 
 ANSWER_WORDS = ["thanks", "good", "bad", "small", "large", "fast", "slow", "new"]
 REWARD_FILE = '''

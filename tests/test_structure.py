@@ -115,5 +115,5 @@ def test_kto_is_one_module_plus_its_registry_line():
     registry = (PACKAGE / "stages" / "__init__.py").read_text()
     assert [line for line in registry.splitlines() if "KTO" in line] == [
         "from .kto import KTO_STAGE",
-        "STAGES: dict[str, Stage] = {stage.name: stage for stage in (PT, SFT, RM, DPO, KTO_STAGE, PPO)}",
+        "STAGES: dict[str, Stage] = {stage.name: stage for stage in (PT, SFT, RM, DPO, KTO_STAGE, PPO, GRPO)}",
     ]

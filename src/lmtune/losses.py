@@ -20,9 +20,9 @@ from .model.sharded import is_sharded
 CHUNK = 1024
 
 
-def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="none")
+    return F.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets, reduction="none")
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -45,45 +45,46 @@ def rows_read(keep: torch.Tensor) -> torch.Tensor | None:
     return F.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
 
 
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token cross-entropy of each trained position, the trained-position mask over labels[:, 1:])."""
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token cross-entropy of each trained position, the trained-position mask over labels[:, 1:]);
+    `temperature` divides the logits first (the distribution an RL stage sampled from)."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not uses_plain_head(model):
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
         return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, rows_read(keep)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    return _head_losses(model, hidden[keep], targets[keep]), keep
+    return _head_losses(model, hidden[keep], targets[keep], temperature), keep
 
 
-def _head_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of the output head on (rows of final hidden states, their targets), a chunk at a time."""
     head = model.get_output_embeddings()
     parts = []
     for start in range(0, hidden.shape[0], CHUNK):
         part, goal = hidden[start : start + CHUNK], targets[start : start + CHUNK]
         if torch.is_grad_enabled() and part.requires_grad:
-            parts.append(checkpoint(_chunk_losses, head, part, goal, use_reentrant=False))
+            parts.append(checkpoint(_chunk_losses, head, part, goal, temperature, use_reentrant=False))
         else:
-            parts.append(_chunk_losses(head, part, goal))
+            parts.append(_chunk_losses(head, part, goal, temperature))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def listed_target_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def listed_target_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy of each listed target (`target_ids`) from the row that predicts it (`target_rows`):
     batches where a token is not always predicted by the row before it (pairs sharing their prompt)."""
     rows, targets = batch["target_rows"], batch["target_ids"]
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not uses_plain_head(model):
         logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size).index_select(0, rows)
-        return F.cross_entropy(logits.float(), targets, reduction="none")
+        return F.cross_entropy(logits.float() / temperature, targets, reduction="none")
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, torch.unique(rows)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    return _head_losses(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), targets)
+    return _head_losses(model, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), targets, temperature)
 
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 from ..staged_folder import staged_folder
 
 DEFAULT_DIR = ".lmtune-cache"
-FLOAT_FIELDS = ("margin",)  # every other field holds token ids or labels
+FLOAT_FIELDS = ("margin",)  # every other field holds token ids or labels, or (columns) the bytes of a JSON text
 
 
 def folder(cache_dir: Optional[str], key: str) -> Path:

@@ -32,7 +32,7 @@ from .records import (
 from .templates import pick_renderer
 from .tokenize import tokenize_records
 
-DATA_VERSION = "3"  # unpaired (kto) rows
+DATA_VERSION = "4"  # unpaired (kto) rows; prompts keep their other columns
 
 
 @dataclass
@@ -172,7 +172,7 @@ def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[lis
             f"stage {stage.name} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
             f"{' or '.join(sorted(stage.reads))} data (check dataset_format and stage)"
         )
-    train, val = stage.records(train, val)
+    train, val = stage.records(train, val, config)
     return train, val, summary
 
 

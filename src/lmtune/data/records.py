@@ -5,8 +5,11 @@ Canonical records (plain dicts, cheap to pickle to workers):
 - chat:       {"kind": "chat", "messages": [{"role", "content"}, ...]}  (instruction rows become chat)
 - completion: {"kind": "completion", "prompt": str, "completion": str}   (JumpStart template.json rows)
 - preference: {"kind": "preference", "messages": [...prompt turns], "chosen": str, "rejected": str}
-- prompt:     {"kind": "prompt", "messages": [...]}                      (ppo prompts)
+- prompt:     {"kind": "prompt", "messages": [...]}                      (ppo and grpo prompts)
 - unpaired:   {"kind": "unpaired", "messages": [...prompt turns], "completion": str, "label": bool}  (kto)
+
+Chat, instruction and prompt records keep the row's other columns under
+"columns" (a reference `answer` that a grpo reward compares against).
 
 Every bad row raises DataError naming the file, the row and the field.
 """
@@ -276,8 +279,33 @@ def _instruction_messages(row: Row) -> list[dict[str, str]]:
     return messages
 
 
+# The columns the formats read; the rest of a row travels with its record as "columns".
+READ_COLUMNS = frozenset({
+    "text", "messages", "conversations", "dialog", "instruction", "input", "output", "prompt", "response", "completion",
+    "system", "history", "chosen", "rejected", "margin", "label", "kto_tag",
+})
+
+
+def other_columns(row: Row) -> dict[str, Any]:
+    """The row's columns that no format reads, when they are plain values (strings, numbers, lists of them)."""
+    plain = (str, int, float, bool, type(None))
+    return {
+        k: v for k, v in row.values.items()
+        if k not in READ_COLUMNS and (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v)))
+    }
+
+
 def normalise(row: Row, fmt: str) -> dict[str, Any]:
     """One row in the canonical shape of its format."""
+    record = _normalised(row, fmt)
+    if record["kind"] in ("chat", "prompt"):
+        extra = other_columns(row)
+        if extra:
+            record["columns"] = extra
+    return record
+
+
+def _normalised(row: Row, fmt: str) -> dict[str, Any]:
     values = row.values
     if fmt == "text":
         return {"kind": "text", "text": str(_need(row, "text"))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Optional
 
@@ -65,20 +66,23 @@ def fit_length(
 def tokenize_sequences(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
-    """sft/ppo records: one sequence each."""
+    """sft, ppo and grpo records: one sequence each."""
     rendered = [renderer.record(r) for r in records]
     flat = [text for segments in rendered for text, _ in segments]
     pieces = encode_batch(tokenizer, flat)
     examples, outcomes = [], Counter()
     prompts_only = bool(records) and records[0]["kind"] == "prompt"
     at = 0
-    for segments in rendered:
+    for record, segments in zip(records, rendered):
         ids, labels = join_segments(pieces[at : at + len(segments)], segments)
         at += len(segments)
-        if prompts_only:  # ppo prompts are kept whole or cut at the left
-            ids = ids[-max_len:]
-            examples.append({"input_ids": ids})
-            outcomes["kept" if len(ids) < max_len else "truncated"] += 1
+        if prompts_only:  # RL prompts are kept whole or cut at the left; their other columns travel as JSON
+            outcomes["kept" if len(ids) <= max_len else "truncated"] += 1
+            user = [m["content"] for m in record["messages"] if m["role"] == "user"]
+            example = {"input_ids": ids[-max_len:], "prompt_text": list((user[-1] if user else "").encode())}
+            if record.get("columns"):
+                example["columns"] = list(json.dumps(record["columns"]).encode())
+            examples.append(example)
             continue
         ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
         outcomes[outcome] += 1
@@ -143,6 +147,18 @@ def tokenize_unpaired(
         if ids is not None:
             examples.append({"input_ids": ids, "labels": labels, "label": [int(record["label"])]})
     return examples, outcomes
+
+
+def example_columns(example: dict[str, Any]) -> dict[str, Any]:
+    """A prompt example's other columns (stored as the bytes of their JSON)."""
+    if "columns" not in example:
+        return {}
+    return json.loads(bytes(int(b) for b in example["columns"]).decode())
+
+
+def example_prompt_text(example: dict[str, Any]) -> str:
+    """A prompt example's last user turn as written in the data (what reward functions get as the prompt)."""
+    return bytes(int(b) for b in example.get("prompt_text", [])).decode()
 
 
 def tokenize_text(

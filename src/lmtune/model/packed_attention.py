@@ -150,11 +150,13 @@ def _packed(
             if packed_branches is None:
                 pieces.append(_one_example(q, k, v, **options))
                 continue
-            # prompt + chosen as one causal sequence; the rejected answer sees the prompt and itself.
-            prompt, split = packed_branches[index]
-            (q1, q2), (k1, k2), (v1, v2) = (t.split([split, t.shape[2] - split], 2) for t in (q, k, v))
+            # The prompt and its first answer as one causal sequence; each later answer sees the prompt and itself.
+            prompt, *starts = (b for b in packed_branches[index] if b >= 0)
+            sizes = [b - a for a, b in zip([0, *starts], [*starts, q.shape[2]])]
+            (q1, *qs), (k1, *ks), (v1, *vs) = (t.split(sizes, 2) for t in (q, k, v))
             pieces.append(_one_example(q1, k1, v1, **options))
-            pieces.append(_one_example(q2, torch.cat([k1[:, :, :prompt], k2], 2), torch.cat([v1[:, :, :prompt], v2], 2), **options))
+            for q2, k2, v2 in zip(qs, ks, vs):
+                pieces.append(_one_example(q2, torch.cat([k1[:, :, :prompt], k2], 2), torch.cat([v1[:, :, :prompt], v2], 2), **options))
         # (1, tokens, heads, dim), contiguous straight out of cat: no separate transpose copy.
         return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1), None
 
@@ -215,11 +217,11 @@ def use_packed_attention(model: Any) -> str:
 
 
 def packed_kwargs(bounds: torch.Tensor, implementation: Optional[str], branches: Optional[torch.Tensor] = None) -> dict[str, Any]:
-    """Keyword arguments that tell the attention where each packed example starts (and, for preference pairs
-    sharing their prompt, where each prompt ends and each rejected answer starts)."""
+    """Keyword arguments that tell the attention where each packed example starts (and, for answers sharing their
+    prompt, where each prompt ends and each later answer starts: a row of `branches`, padded with -1)."""
     if branches is not None:
         if implementation not in (NAME, EAGER_NAME):
-            raise PackingNotExact(f"packing: pairs sharing their prompt need lmtune's packed attention, not {implementation}")
+            raise PackingNotExact(f"packing: answers sharing their prompt need lmtune's packed attention, not {implementation}")
         return {"packed_bounds": tuple(int(b) for b in bounds.tolist()), "packed_branches": tuple(map(tuple, branches.tolist()))}
     if implementation and implementation.startswith("flash_attention"):
         cu = bounds.to(torch.int32)
@@ -255,6 +257,6 @@ def switch_to_packed_rows(model: Any) -> None:
 
 
 def shares_prompts(model: Any) -> bool:
-    """Whether preference pairs may share their prompt in one packed segment: lmtune's own packed attention
+    """Whether answers (a preference pair, a grpo group) may share their prompt in one packed segment: lmtune's own packed attention
     computes the branch exactly (flash attention's varlen kernels take no such layout)."""
     return getattr(model.config, "_attn_implementation", None) in (NAME, EAGER_NAME)

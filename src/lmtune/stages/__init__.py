@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 from .base import Objective, Stage, trains_adapters  # noqa: F401  (the names stage modules and callers use)
 from .causal_lm import PT, SFT
+from .grpo import GRPO
 from .kto import KTO_STAGE
 from .ppo import PPO
 from .preference import DPO
@@ -22,7 +23,7 @@ from .reward import RM
 if TYPE_CHECKING:
     from ..config.schema import Config
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (PT, SFT, RM, DPO, KTO_STAGE, PPO)}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PT, SFT, RM, DPO, KTO_STAGE, PPO, GRPO)}
 
 
 class StageNotAvailable(UserError, ValueError):

@@ -13,21 +13,23 @@ them, so it has its own loop built from the engine's shared parts (engine/run.py
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ...config.fields import Group, setting
 from ...config.problem import Problem
 from ..base import Stage
-from .reward_spec import RewardSpecError, check_reward_function
+from ..rl.prompts import as_prompt
+from ..rl.reward_spec import reward_entries, reward_function_problems, reward_model_problems
 
 if TYPE_CHECKING:
     from ...config.load import Resolved
+    from ...config.schema import Config
 
 
 class PPOArgs(Group):
     reward_model: Optional[str] = setting(
         None,
-        "With `ppo`: the reward model (a run folder of an `rm` stage, or a model "
+        "With `ppo` (or as one of `grpo`'s rewards): the reward model (a run folder of an `rm` stage, or a model "
         "path) that scores the policy's answers.",
         llamafactory=("reward_model",),
     )
@@ -60,10 +62,12 @@ class PPOArgs(Group):
         gt=0.0,
         llamafactory=("ppo_target",),
     )
-    reward_function: Optional[str] = setting(
+    reward_function: Union[str, list[str], None] = setting(
         None,
-        "With `ppo`: a rule-based reward instead of `reward_model`: `path/to/file.py:name`, "
-        "a function called with the prompts and the answers (lists of strings) that returns one float per answer.",
+        "With `ppo` and `grpo`: a rule-based reward instead of `reward_model`: `path/to/file.py:name`, a function "
+        "called with the prompts and the answers (lists of strings) that returns one float per answer. grpo takes a "
+        "list, weighed by `reward_weights`, which may name the built-in rewards `exact_match` and `format`.",
+        axolotl=("reward_funcs",),
     )
     ppo_gamma: float = setting(
         1.0,
@@ -100,44 +104,17 @@ class PPOArgs(Group):
 def reward_problems(r: "Resolved") -> list[Problem]:
     """Exactly one reward source, and one that exists."""
     c = r.config.finetuning
-    if not c.reward_model and not c.reward_function:
+    entries = reward_entries(c.reward_function)
+    if not c.reward_model and not entries:
         fix = "train a reward model with stage: rm and set reward_model to its folder, or set reward_function: file.py:name"
         return [Problem("error", "reward_model", f"stage ppo needs a reward: {fix}")]
-    if c.reward_model and c.reward_function:
-        return [Problem("error", "reward_model, reward_function", "stage ppo takes one reward source; remove one of the two")]
+    if (c.reward_model and entries) or len(entries) > 1:
+        named = "reward_model, reward_function" if c.reward_model else "reward_function"
+        return [Problem("error", named, "stage ppo takes one reward source; keep one (grpo weighs several)")]
     base = Path(r.path).resolve().parent if r.path else None
-    if c.reward_function:
-        try:
-            check_reward_function(c.reward_function, base)
-        except RewardSpecError as error:
-            return [Problem("error", "reward_function", str(error).removeprefix("reward_function: "))]
-        return []
-    location = Path(c.reward_model).expanduser()
-    if not location.is_absolute() and base is not None and (base / location).exists():
-        location = base / location
-    if not location.exists():
-        if c.reward_model.startswith((".", "/", "~")):
-            return [Problem("error", "reward_model", f"{c.reward_model} does not exist; give an rm run's output_dir")]
-        if c.reward_model.count("/") > 1:  # not a hub id either; it may exist where training runs
-            return [Problem("warning", "reward_model", f"{c.reward_model} does not exist here; training needs it")]
-    meta = location / "final" / "lmtune.json" if (location / "final").is_dir() else location / "lmtune.json"
-    if meta.exists():
-        import json
-
-        stage = json.loads(meta.read_text()).get("stage")
-        if stage != "rm":
-            return [Problem("error", "reward_model", f"{c.reward_model} was trained with stage: {stage}; a reward model is an rm run")]
-    return []
-
-
-def as_prompt(record: dict[str, Any]) -> dict[str, Any]:
-    """A chat's last answer, or a pair's answers, are what the policy must write: keep the prompt side."""
-    if record["kind"] == "prompt":
-        return record
-    if record["kind"] in ("preference", "unpaired"):
-        return {"kind": "prompt", "messages": record["messages"]}
-    messages = record["messages"][:-1] if record["messages"][-1]["role"] == "assistant" else record["messages"]
-    return {"kind": "prompt", "messages": messages}
+    if entries:
+        return reward_function_problems(entries, base)
+    return reward_model_problems(c.reward_model, base)
 
 
 class ProximalPolicyOptimisation(Stage):
@@ -160,7 +137,7 @@ class ProximalPolicyOptimisation(Stage):
             out.append(Problem("error", "packing", "packing lays out fixed data, not ppo's rollouts; set packing: false"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return [as_prompt(r) for r in train], [as_prompt(r) for r in val]
 
     recipe = "lmtune.stages.ppo.train:train_ppo"

@@ -1,4 +1,4 @@
-"""Rollouts: prompts in a resumable order, sampled answers, and what the policy, reference and value head say of them.
+"""ppo's rollouts: sampled answers, and what the policy, reference and value head say of them.
 
 A rollout batch holds its prompts left-padded to one width, so every answer
 starts in the same column; answers are right-padded after their stop token.
@@ -6,32 +6,14 @@ starts in the same column; answers are right-padded after their stop token.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ...losses import uses_plain_head
 from ...generate import stop_ids
-
-
-def prompt_order(count: int, seed: int, epoch: int) -> list[int]:
-    """The same shuffled order of prompts for an epoch whatever the run was interrupted by."""
-    order = list(range(count))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def prompts_for(iteration: int, per_iteration: int, count: int, seed: int) -> list[int]:
-    """The indices of the prompts iteration `iteration` rolls out (epochs follow each other)."""
-    out = []
-    start = iteration * per_iteration
-    for position in range(start, start + per_iteration):
-        epoch, index = divmod(position, count)
-        out.append(prompt_order(count, seed, epoch)[index])
-    return out
+from ...losses import uses_plain_head
 
 
 class PolicyAndValue(torch.nn.Module):

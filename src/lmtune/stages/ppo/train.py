@@ -36,9 +36,10 @@ from ...engine.run import LoopState, Run, RunResult, TrainingError, eval_every, 
 from ...model.load import load_model
 from ...model.methods import apply_method, parameter_counts
 from ..reference import Reference
+from ..rl.prompts import prompts_for
+from ..rl.rewards import reward_source
 from .objective import AdaptiveKL, RunningMoments, gae, policy_loss, token_rewards, value_loss, whiten
-from .rewards import reward_source
-from .rollout import PolicyAndValue, Rollout, prompts_for, sample_answers, token_statistics
+from .rollout import PolicyAndValue, Rollout, sample_answers, token_statistics
 
 
 @dataclass
