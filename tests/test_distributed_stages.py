@@ -1,4 +1,4 @@
-"""Every stage on several processes (gloo on CPU): rm, dpo, kto and ppo data parallel, dpo and kto sharded with full
+"""Every stage on several processes (gloo on CPU): rm, dpo, kto, ppo and grpo data parallel, and sharded with full
 fine-tuning. Each trains like one process with the same global batch, and a checkpoint written by two processes
 resumes in one and continues the same curve."""
 
@@ -26,6 +26,10 @@ def stage_settings(tmp_path, stage):
     if stage == "kto":
         return dict(rows=unpaired_rows(8), stage="kto", micro_batch_size=2)
     (tmp_path / "reward.py").write_text(REWARD)
+    if stage == "grpo":
+        rows = [{"prompt": f"Count to {i}."} for i in range(12)]
+        return dict(rows=rows, stage="grpo", micro_batch_size=2, reward_function=str(tmp_path / "reward.py") + ":length",
+                    num_generations=2, max_new_tokens=6, top_k=0)
     rng = random.Random(0)
     rows = [{"instruction": "Say " + " ".join(rng.choices(["thanks", "good", "red"], k=2)) + ".", "output": "ok"} for _ in range(24)]
     return dict(rows=rows, stage="ppo", micro_batch_size=2, reward_function=str(tmp_path / "reward.py") + ":length",
@@ -37,7 +41,8 @@ METHODS = {
     "full": {"method": "full", "learning_rate": 2e-3},
 }
 CASES = [("rm", "lora", False), ("dpo", "lora", False), ("kto", "lora", False), ("ppo", "lora", False),
-         ("ppo", "full", False), ("dpo", "full", True), ("kto", "full", True), ("rm", "full", True), ("ppo", "full", True)]
+         ("ppo", "full", False), ("dpo", "full", True), ("kto", "full", True), ("rm", "full", True), ("ppo", "full", True),
+         ("grpo", "lora", False), ("grpo", "full", True)]
 
 
 @pytest.mark.parametrize("stage,method,fsdp", CASES, ids=[f"{s}-{m}{'-fsdp' if f else ''}" for s, m, f in CASES])

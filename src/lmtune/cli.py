@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
+        close_progress_bars()  # the error starts a line of its own, not the end of a bar's
         print(f"error: {exc}", file=sys.stderr)
         record_failure(str(exc))
         return 1
@@ -525,6 +526,12 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         if launched():
             record_failure(f"internal error ({type(exc).__name__}): {exc}")
         raise
+
+
+def close_progress_bars() -> None:
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def entry() -> int:

@@ -260,8 +260,8 @@ class GRPORecipe:
             record = self.advantages(answers)
             sampled = time.perf_counter()
             micro = self.micro_batches(answers)
-            for _ in range(f.num_iterations):
-                updates = self.update(micro, answers)
+            passes = [self.update(micro, answers) for _ in range(f.num_iterations)]
+            updates = {name: sum(p[name] for p in passes) / len(passes) for name in passes[0]}  # the mean over the passes
             last_loss = updates["loss"]
             state.global_step += 1
             state.epoch = state.global_step * self.prompts_per_step // len(self.prompts)

@@ -47,7 +47,7 @@ class FunctionReward:
             else:
                 values = self.function(prompts, answers)
         except Exception as error:  # the user's code: its failure is named, not a traceback of ours
-            where = f" (prompts of rows {rows[0] + 1} to {rows[-1] + 1})" if rows else ""
+            where = f" (on the prompts of rows {', '.join(str(r + 1) for r in sorted(set(rows)))})" if rows else ""
             raise RewardSpecError(f"reward_function: {self.spec} raised {type(error).__name__}: {error}{where}") from None
         return checked_scores(self.spec, values, len(answers), rows)
 
