@@ -342,3 +342,23 @@ def test_reward_functions_get_the_rows_columns(tmp_path):
     assert scores.tolist() == [1.0, 0.0]
     positional = FunctionReward(spec.replace(":f", ":old"), None)(["p"], ["abc"], [[]], {"answer": ["x"]})
     assert positional.tolist() == [3.0]
+
+
+def test_convert_reads_an_axolotl_grpo_config_and_check_accepts_it(tmp_path, capsys):
+    """Axolotl's GRPO example (rl: grpo, a trl: block with vLLM keys, a transform dataset type), converted."""
+    from conftest import FIXTURES
+
+    source = tmp_path / "grpo.yml"
+    source.write_text((FIXTURES / "axolotl_grpo.yml").read_text().replace("Qwen/Qwen2.5-1.5B-Instruct", "builtin:tiny")
+                      .replace("openai/gsm8k", "gsm8k.jsonl").replace("chat_template: qwen_25\n", ""))
+    (tmp_path / "rewards.py").write_text("def rand_reward_func(completions, **kwargs):\n    return [0.5] * len(completions)\n")
+    (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "#### 4"}) + "\n")
+    assert main(["convert", str(source), "-o", str(tmp_path / "ours.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "lmtune samples in the training process with its own KV-cache sampler" in out  # vllm: reported, with why
+    assert "Axolotl's transform functions are not run" in out
+    converted = resolve(str(tmp_path / "ours.yaml")).config.finetuning
+    assert (converted.stage, converted.beta, converted.num_generations, converted.reward_function) == (
+        "grpo", 0.001, 4, ["rewards.py:rand_reward_func"])
+    assert resolve(str(tmp_path / "ours.yaml")).config.generation.max_new_tokens == 256
+    assert main(["check", str(tmp_path / "ours.yaml")]) == 0, capsys.readouterr().out

@@ -20,6 +20,8 @@ TOOL_LABEL = {
     "llamafactory": "LLaMA-Factory",
     "torchtune": "torchtune",
     "accelerate": "accelerate",
+    "trl": "TRL",
+    "swift": "ms-swift",
 }
 
 
@@ -70,7 +72,11 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
 }
 
 # Notes for value rewrites that change more than the spelling.
+# TRL writes scale_rewards as "group", "batch" or "none" too.
+VALUE_ALIASES["scale_rewards"] = {"group": True, "none": False, "batch": True}  # type: ignore[dict-item]
+
 VALUE_NOTES = {
+    ("scale_rewards", "batch"): "scaling by the whole batch's spread is not built in; each group's spread divides its advantages",
     ("optimizer", "paged_adamw_32bit"): "paging optimizer states to CPU is a CUDA memory feature; "
     "lmtune runs plain AdamW with fp32 states",
     ("optimizer", "paged_adamw_8bit"): "lmtune runs bitsandbytes 8-bit AdamW without paging",
@@ -114,13 +120,88 @@ def _rl(value: Any) -> dict[str, Any]:
     text = str(value).strip().lower() if value is not None else ""
     if text in ("", "none", "false"):
         return {}
-    if text in ("dpo", "kto"):
+    if text in ("dpo", "kto", "grpo"):
         return {"stage": text}
     if text in ("ipo", "orpo", "simpo"):
         return {"stage": "dpo", "pref_loss": text}
     raise AliasError(
-        f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo, orpo, simpo as pref_loss), kto, rm and ppo"
+        f"rl: {value!r} is not a stage lmtune has; it trains dpo (and ipo, orpo, simpo as pref_loss), kto, grpo, rm and ppo"
     )
+
+
+SWIFT_REWARDS = {"accuracy": "exact_match", "format": "format"}  # ms-swift's built-in reward names that lmtune has
+
+
+def _reward_funcs(value: Any) -> dict[str, Any]:
+    """TRL / Axolotl `reward_funcs` (import paths `module.function`) and ms-swift's built-in names, as reward_function."""
+    entries = [value] if isinstance(value, str) else list(value or [])
+    out = []
+    for entry in map(str, entries):
+        if entry in SWIFT_REWARDS or entry in ("exact_match", "format") or ":" in entry:
+            out.append(SWIFT_REWARDS.get(entry, entry))
+        elif "." in entry:  # rewards.accuracy -> rewards.py:accuracy, read from the config's folder
+            module, _, function = entry.rpartition(".")
+            out.append(module.replace(".", "/") + ".py:" + function)
+        else:
+            raise AliasError(f"reward_funcs: {entry!r} is neither module.function nor a built-in reward (exact_match, format)")
+    return {"reward_function": out} if out else {}
+
+
+def _scale_rewards(value: Any) -> dict[str, Any]:
+    """TRL's scale_rewards: true/false, or "group" / "batch" / "none" (batch scaling is not built in)."""
+    text = str(value).strip().lower()
+    if text in ("none", "false", "0"):
+        return {"scale_rewards": False}
+    if text in ("group", "true", "1"):
+        return {"scale_rewards": True}
+    return {"scale_rewards": True, WARNING: f"scale_rewards: {value} runs as group: each group's spread divides its advantages"}
+
+
+VLLM_NOT_NEEDED = ("lmtune samples in the training process with its own KV-cache sampler (each prompt computed once for "
+                   "its group); no vLLM server or colocated engine is needed")
+
+# The keys of Axolotl's `trl:` block (TRL's GRPOConfig names): trl key -> (lmtune key, value translation).
+TRL_GRPO = {
+    "beta": "beta", "num_generations": "num_generations", "max_completion_length": "max_new_tokens",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "epsilon": "epsilon", "epsilon_high": "epsilon_high",
+    "loss_type": "grpo_loss", "num_iterations": "num_iterations", "importance_sampling_level": "importance_sampling_level",
+    "mask_truncated_completions": "mask_truncated_completions", "reward_weights": "reward_weights",
+}
+
+
+def _trl_block(value: Any) -> dict[str, Any]:
+    """Axolotl's `trl:` block: the GRPO settings it holds, under lmtune's names."""
+    if not isinstance(value, dict):
+        raise AliasError("trl: expected a block of TRL settings (beta, num_generations, reward_funcs, ...)")
+    out: dict[str, Any] = {}
+    notes = []
+    for key, item in value.items():
+        if key in TRL_GRPO:
+            out[TRL_GRPO[key]] = item
+        elif key == "reward_funcs":
+            out.update(_reward_funcs(item))
+        elif key == "scale_rewards":
+            translated = _scale_rewards(item)
+            notes += [translated.pop(WARNING)] if WARNING in translated else []
+            out.update(translated)
+        elif key == "use_vllm" or key.startswith("vllm"):
+            if key == "use_vllm" and _truthy(item):
+                notes.append(f"trl.use_vllm: not needed: {VLLM_NOT_NEEDED}")
+        else:
+            notes.append(f"trl.{key}: no lmtune setting has this meaning; left out")
+    if notes:
+        out[WARNING] = "; ".join(notes)
+    return out
+
+
+def _rlhf_type(value: Any) -> dict[str, Any]:
+    """ms-swift's --rlhf_type."""
+    text = str(value).strip().lower()
+    if text in ("dpo", "kto", "grpo", "ppo", "rm"):
+        return {"stage": text}
+    if text in ("orpo", "simpo"):
+        return {"stage": "dpo", "pref_loss": text}
+    raise AliasError(f"rlhf_type: {value!r} is not a stage lmtune has; it trains dpo, orpo, simpo, kto, grpo, ppo and rm")
 
 
 def _lora_target_linear(value: Any) -> dict[str, Any]:
@@ -207,7 +288,9 @@ def _axolotl_dataset(entry: Any) -> Any:
         raise AliasError("datasets: an entry has no path; each needs `path:`")
     kind = str(entry.get("type") or "auto").split(".")[0]
     columns = {ours: str(entry[theirs]) for theirs, ours in AXOLOTL_COLUMN_FIELDS.items() if entry.get(theirs)}
-    spec: dict[str, Any] = {"path": path, "format": AXOLOTL_TYPES.get(kind, kind)}
+    formats = ("auto", "text", "instruction", "chat", "preference", "prompt", "unpaired")
+    fmt = AXOLOTL_TYPES.get(kind, kind)
+    spec: dict[str, Any] = {"path": path, "format": fmt if fmt in formats else "auto"}
     if columns:
         spec["columns"] = columns
     if entry.get("split"):
@@ -219,7 +302,13 @@ def _datasets(value: Any) -> dict[str, Any]:
     if value in (None, ""):
         return {}
     entries = value if isinstance(value, list) else [value]
-    return {"dataset": [_axolotl_dataset(entry) for entry in entries]}
+    out: dict[str, Any] = {"dataset": [_axolotl_dataset(entry) for entry in entries]}
+    # A `type` that names a prompt or transform function (`rewards.gsm8k_transform`, `chatml.intel`) is Axolotl code.
+    transforms = [str(e["type"]) for e in entries if isinstance(e, dict) and e.get("type") and _axolotl_dataset(e)["format"] == "auto"]
+    if transforms:
+        out[WARNING] = (f"type {', '.join(transforms)}: Axolotl's transform functions are not run; lmtune reads the rows' "
+                        "columns (prompt, messages, chosen/rejected, ...): rename yours with dataset_columns")
+    return out
 
 
 def _test_datasets(value: Any) -> dict[str, Any]:
@@ -253,6 +342,9 @@ TRANSLATIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "load_in_4bit": lambda v: {"method": "qlora"} if _truthy(v) else {},
     "quantization_bit": _quantization_bit,
     "rl": _rl,
+    "trl": _trl_block,
+    "reward_funcs": _reward_funcs,
+    "rlhf_type": _rlhf_type,
     "lora_target_linear": _lora_target_linear,
     "flash_attention": _flash_attention,
     "sdp_attention": _sdp_attention,
@@ -272,6 +364,9 @@ TRANSLATION_TOOL = {
     "load_in_4bit": "axolotl",
     "quantization_bit": "llamafactory",
     "rl": "axolotl",
+    "trl": "axolotl",
+    "reward_funcs": "trl",
+    "rlhf_type": "swift",
     "lora_target_linear": "axolotl",
     "flash_attention": "axolotl",
     "sdp_attention": "axolotl",
@@ -320,6 +415,13 @@ IGNORED: dict[str, str] = {
     "enable_activation_offloading": "not built in; use gradient_checkpointing",
     "apply_lora_to_mlp": "use lora_target",
     "apply_lora_to_output": "use lora_target",
+    "skip_prepare_dataset": "lmtune always tokenises the data once, into its cache, before training",
+    "vllm": VLLM_NOT_NEEDED,
+    "use_vllm": VLLM_NOT_NEEDED,
+    "vllm_mode": VLLM_NOT_NEEDED,
+    "vllm_server_host": VLLM_NOT_NEEDED,
+    "vllm_server_port": VLLM_NOT_NEEDED,
+    "vllm_gpu_memory_utilization": VLLM_NOT_NEEDED,
 }
 
 # Keys whose use lmtune refuses, with what to do instead. An empty or false

@@ -67,7 +67,6 @@ class PPOArgs(Group):
         "With `ppo` and `grpo`: a rule-based reward instead of `reward_model`: `path/to/file.py:name`, a function "
         "called with the prompts and the answers (lists of strings) that returns one float per answer. grpo takes a "
         "list, weighed by `reward_weights`, which may name the built-in rewards `exact_match` and `format`.",
-        axolotl=("reward_funcs",),
     )
     ppo_gamma: float = setting(
         1.0,
