@@ -128,10 +128,18 @@ def lmtune_config(job: str, model: Path, data: Path, out: Path, epochs: float, m
 
 
 def peak_memory_mb() -> float:
+    """This process's peak memory. On Linux the high-water mark of its own address space (VmHWM): ru_maxrss also
+    counts the parent's resident memory at the fork (the kernel folds the forked copy into it at exec), so a child
+    started by a parent that had loaded a model would report the parent's peak."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

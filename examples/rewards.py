@@ -1,4 +1,4 @@
-"""Rule-based rewards for `stage: ppo` (`reward_function: rewards.py:name`).
+"""Rule-based rewards for `stage: ppo` and `stage: grpo` (`reward_function: rewards.py:name`).
 
 A reward function gets the prompts and the answers as text (lists of the same
 length) and returns one number per answer.
@@ -16,3 +16,8 @@ def reversed_digits(prompts, answers):
         right = sum(a == b for a, b in zip(expected, got))
         out.append(right / max(len(expected), 1) - 0.1 * max(len(got) - len(expected), 0))
     return out
+
+
+def short_answer(completions, **kwargs):
+    """For `stage: grpo` (called TRL's way, with keywords): 1 for an answer of at most 4 words, less beyond."""
+    return [min(1.0, 4 / max(len(c.split()), 1)) for c in completions]

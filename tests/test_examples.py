@@ -33,3 +33,21 @@ def test_alignment_chain_runs_offline(tmp_path):
         meta = (out / stage / "final" / "lmtune.json").read_text()
         assert f'"stage": "{stage}"' in meta
     assert (out / "ppo" / "final" / "value_head.safetensors").exists()
+
+
+def test_rlvr_walkthrough_runs_offline(tmp_path):
+    """examples/rlvr/walkthrough.py --quick: sft then grpo with exact_match, two steps each, accuracies printed."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rlvr"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "rlvr" / "walkthrough.py"), "--out", str(out), "--quick"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "held-out exact-match accuracy on 200 sums never seen in training" in run.stdout
+    scores = json.loads((out / "accuracy.json").read_text())
+    assert set(scores) == {"start", "sft", "grpo"} and all(0 <= v <= 1 for v in scores.values())
+    assert '"stage": "grpo"' in (out / "grpo" / "final" / "lmtune.json").read_text()

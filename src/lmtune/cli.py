@@ -536,7 +536,11 @@ def close_progress_bars() -> None:
 
 def entry() -> int:
     """The `lmtune` program."""
-    return main(own_process=True)
+    try:
+        return main(own_process=True)
+    except BrokenPipeError:  # `lmtune explain | head`: the reader stopped reading; nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

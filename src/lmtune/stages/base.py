@@ -81,7 +81,7 @@ class Stage:
         """Its own checks of a validated config, before any model or data loads."""
         return []
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
         """Canonical train and validation records as the stage learns from them (ppo keeps the prompt side);
         raises DataError for data the stage cannot learn from (`check` reads local data through it too)."""
         return train, val

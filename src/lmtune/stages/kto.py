@@ -206,7 +206,7 @@ class KahnemanTversky(Stage):
             out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
         """Both labels must be in the training rows: with one, the loss only pushes every answer one way."""
         labels = {bool(r["label"]) for r in train}
         if len(labels) == 1:

@@ -144,7 +144,7 @@ class GroupRelative(Stage):
                                "GSPO uses 3e-4 to 4e-4"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
         """The prompt side of each row, with its other columns; exact_match's reference column checked in every row."""
         train, val = [as_prompt(r) for r in train], [as_prompt(r) for r in val]
         f = config.finetuning

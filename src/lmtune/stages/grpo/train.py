@@ -31,11 +31,10 @@ from ...generate import stop_ids
 from ...model.load import load_model
 from ...model.methods import apply_method, parameter_counts
 from ...model.packed_attention import shares_prompts, switch_to_packed
-from ..ppo.train import seeded
 from ..reference import Reference
 from ..rl.prompts import prompts_for
 from ..rl.rewards import reward_sources
-from ..rl.sampling import generators_for, sample_groups
+from ..rl.sampling import generators_for, sample_groups, seeded
 from .batches import Answer, answer_token_logps, collate
 from .loss import group_advantages, token_terms, token_weights
 
@@ -84,7 +83,7 @@ class GRPORecipe:
         if note:
             run.note(note, "packing")
         self.share_prompts = self.packing and shares_prompts(model)
-        self.reference = Reference(model, f.method, run, keep_copy=f.beta > 0) if f.beta > 0 else None
+        self.reference = Reference(model, f.method, run) if f.beta > 0 else None  # the KL's reference, when weighed
         model = apply_method(model, config)
         trainable, total = parameter_counts(model)
         if trainable == 0:

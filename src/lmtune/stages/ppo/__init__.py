@@ -136,7 +136,7 @@ class ProximalPolicyOptimisation(Stage):
             out.append(Problem("error", "packing", "packing lays out fixed data, not ppo's rollouts; set packing: false"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
         return [as_prompt(r) for r in train], [as_prompt(r) for r in val]
 
     recipe = "lmtune.stages.ppo.train:train_ppo"

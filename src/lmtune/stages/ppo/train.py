@@ -38,6 +38,7 @@ from ...model.methods import apply_method, parameter_counts
 from ..reference import Reference
 from ..rl.prompts import prompts_for
 from ..rl.rewards import reward_source
+from ..rl.sampling import seeded
 from .objective import AdaptiveKL, RunningMoments, gae, policy_loss, token_rewards, value_loss, whiten
 from .rollout import PolicyAndValue, Rollout, sample_answers, token_statistics
 
@@ -50,14 +51,6 @@ class PPOState(LoopState):
     score_mean: float = 0.0
     score_var: float = 1.0
     score_count: float = 0.0
-
-
-def seeded(*parts: int) -> int:
-    """A seed for one piece of work (a rollout micro batch, an epoch's order), the same on every process."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part) % 2**62
-    return value
 
 
 def train_ppo(

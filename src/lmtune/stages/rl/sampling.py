@@ -109,5 +109,13 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
     return int(unfinished) == 0
 
 
+def seeded(*parts: int) -> int:
+    """A seed for one piece of work (a rollout micro batch, a group, an epoch's order), the same on every process."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % 2**62
+    return value
+
+
 def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed) for seed in seeds]
