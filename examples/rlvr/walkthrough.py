@@ -2,10 +2,12 @@
 
     python examples/rlvr/walkthrough.py [--out runs/rlvr] [--quick]
 
-The task: "What is 27 + 45?" answered with the number. sft on a few hundred worked examples teaches
-builtin:small the format and some of the arithmetic; grpo then samples 8 answers per prompt and rewards
-exactly the right number (the built-in `exact_match` reward against each row's `answer` column), so the
-model learns from its own attempts, with no reference answers in the loss. Held-out exact-match accuracy
+The task: "What is 27 + 45?" answered with the number. The sft data comes from a careless teacher: on sums
+that carry (7 + 5 = 12), it forgets the carry in 60% of its answers (27 + 45 = 62), as imperfect demonstrations
+do. sft on 1,000 such examples teaches builtin:small the format, the arithmetic, and the teacher's habit;
+grpo then samples 8 answers per prompt and rewards exactly the right number (the built-in `exact_match`
+reward against each row's `answer` column, which holds the true sum), so the model learns from its own
+attempts which of its habits are wrong, with no reference answer in the loss. Held-out exact-match accuracy
 (greedy answers to sums it never saw) is printed before training, after sft and after grpo. Each stage is
 an ordinary `lmtune train` of the config written beside it.
 """
@@ -18,12 +20,25 @@ import random
 from pathlib import Path
 
 
-def rows(count: int, seed: int) -> list[dict[str, str]]:
+def sums(seed: int) -> list[tuple[int, int]]:
+    """Every sum of two numbers from 10 to 49, in a seeded order."""
+    pairs = [(a, b) for a in range(10, 50) for b in range(10, 50)]
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def rows(pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
+    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+
+
+def careless(examples: list[dict[str, str]], seed: int) -> list[dict[str, str]]:
+    """The teacher's answers: the carry forgotten in 60% of the sums that carry."""
     rng = random.Random(seed)
     out = []
-    for _ in range(count):
-        a, b = rng.randint(10, 49), rng.randint(10, 49)
-        out.append({"prompt": f"What is {a} + {b}?", "answer": str(a + b)})
+    for row in examples:
+        a, b = (int(n) for n in row["prompt"].removeprefix("What is ").removesuffix("?").split(" + "))
+        wrong = (a % 10 + b % 10) >= 10 and rng.random() < 0.6
+        out.append({**row, "answer": str(a + b - 10) if wrong else row["answer"]})
     return out
 
 
@@ -33,12 +48,12 @@ def configs(out: Path, quick: bool) -> dict[str, dict]:
               "seed": 0, "logging_steps": 5}
     return {
         "sft": {**common, "base_model": "builtin:small", "stage": "sft", "method": "full", "dataset": str(data / "sft.jsonl"),
-                "dataset_columns": {"response": "answer"}, "learning_rate": 2e-3, "micro_batch_size": 16,
-                "validation_split_ratio": 0.0, "epochs": 2, **({"max_steps": 2} if quick else {})},
+                "dataset_columns": {"response": "answer"}, "learning_rate": 1e-3, "micro_batch_size": 16, "lr_scheduler": "cosine",
+                "warmup_ratio": 0.05, "validation_split_ratio": 0.0, "epochs": 10, **({"max_steps": 2} if quick else {})},
         "grpo": {**common, "base_model": str(out / "sft" / "final"), "stage": "grpo", "method": "full",
                  "dataset": str(data / "grpo.jsonl"), "reward_function": ["exact_match"], "num_generations": 8,
-                 "micro_batch_size": 16, "gradient_accumulation_steps": 2, "max_new_tokens": 6, "temperature": 1.0, "top_k": 0,
-                 "learning_rate": 2e-5, "epsilon_high": 0.28, "validation_split_ratio": 0.0, "max_steps": 2 if quick else 60},
+                 "micro_batch_size": 16, "gradient_accumulation_steps": 4, "max_new_tokens": 6, "temperature": 0.8, "top_k": 0,
+                 "learning_rate": 3e-5, "epsilon_high": 0.28, "validation_split_ratio": 0.0, "max_steps": 2 if quick else 300},
     }
 
 
@@ -68,9 +83,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     (out / "data").mkdir(parents=True, exist_ok=True)
-    (out / "data" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(600, seed=1)))
-    (out / "data" / "grpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(400, seed=2)))
-    held_out = rows(200, seed=3)
+    # 1,600 sums: 200 held out, 1,000 for sft (the teacher's answers), the other 400 as grpo's prompts (their true
+    # answers only reach the reward).
+    pairs = sums(seed=0)
+    held_out, sft, grpo = rows(pairs[:200]), careless(rows(pairs[200:1200]), seed=1), rows(pairs[1200:])
+    (out / "data" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    (out / "data" / "grpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grpo))
     scores = {"start": accuracy(Path("builtin:small"), held_out)}
     for stage, settings in configs(out, args.quick).items():
         path = out / f"{stage}.yaml"
