@@ -166,3 +166,19 @@ def test_dpo_settings_kto_ignores_are_named(tmp_path):
     assert "warning: ppo_epochs: ignored with stage: kto; it applies to ppo" in lines, lines
     resolved = resolve(data={"stage": "dpo", "desirable_weight": 2.0})
     assert "warning: desirable_weight: ignored with stage: dpo; it applies to kto" in [str(p) for p in resolved.problems]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_eval_of_a_kto_run_compares_with_the_starting_policy(tmp_path, capsys, method):
+    """`lmtune eval` on a kto run gives the loss its training logged last (the reference: the base again)."""
+    import yaml
+
+    config = kto_config(tmp_path, method, epochs=1, validation_split_ratio=0.25, eval_strategy="epoch")
+    result = train(config, quiet=True)
+    path = tmp_path / "kto.yaml"
+    path.write_text(yaml.safe_dump(config.flat()))
+    assert main(["eval", str(path), "--checkpoint", str(result.run_dir)]) == 0
+    out = capsys.readouterr().out
+    reported = float(out.split("eval_loss: ")[1].split()[0])
+    assert reported == pytest.approx(result.eval_loss, abs=1e-4)
+    assert "eval_reward_margin" in out

@@ -58,8 +58,8 @@ class GRPOArgs(Group):
     )
     epsilon_high: Optional[float] = setting(
         None,
-        "With `grpo`: the upper clip of the ratio when it differs from `epsilon` (DAPO's clip-higher, e.g. 0.28): "
-        "rare tokens that should gain can gain more.",
+        "With `grpo`: the upper clip of the ratio when it differs from `epsilon` (DAPO's clip-higher; 0.28 in the "
+        "paper): rare tokens that should gain can gain more.",
         gt=0.0,
         axolotl=("epsilon_high",),
     )
@@ -103,7 +103,7 @@ class GRPOArgs(Group):
 
 class GroupRelative(Stage):
     name = "grpo"
-    summary = "reinforcement learning from verifiable rewards, group-relative (GRPO, Dr. GRPO, DAPO, BNPO, GSPO)"
+    summary = "reinforcement learning from verifiable rewards, group-relative, with the DAPO, BNPO, GSPO and Dr. GRPO variants"
     reads = frozenset({"prompt", "chat", "preference", "unpaired"})
     settings = GRPOArgs
     also_uses = ("reward_function", "reward_model")
