@@ -147,6 +147,10 @@ def read_model_config(base_model: str) -> dict[str, Any]:
 def shape_of(raw: dict[str, Any]) -> Shape:
     text = raw.get("text_config", raw)  # multimodal wrappers keep the language model's config inside
     model_type = text.get("model_type", raw.get("model_type", "llama"))
+    missing = [k for k in ("hidden_size", "num_attention_heads", "vocab_size", "num_hidden_layers") if k not in text]
+    if missing:
+        raise PlanError(f"base_model: its config.json has no {', '.join(missing)}, so its size cannot be planned "
+                        "(a model type with its own names for them)")
     hidden = text["hidden_size"]
     heads = text["num_attention_heads"]
     return Shape(

@@ -321,6 +321,39 @@ def outputs_and_safety(r: "Resolved") -> list[Problem]:
     return out
 
 
+@rule
+def model_folder_and_kernels(r: "Resolved") -> list[Problem]:
+    """What loading would refuse, found here: a kernel this machine lacks, pickle-only weights, a model's own code."""
+    m = r.config.model
+    out = []
+    if m.attn_implementation == "flash_attention_2" and not (cuda_visible() and installed("flash_attn")):
+        # A warning: configs written for a GPU cluster are checked on laptops; training here would refuse it.
+        missing = "no CUDA GPU is visible" if not cuda_visible() else "the flash-attn package is not installed"
+        out.append(Problem("warning", "attn_implementation", f"flash_attention_2 needs a CUDA GPU and flash-attn, and {missing} "
+                           "here, so training on this machine refuses it; leave attn_implementation unset for SDPA"))
+    folder = Path(m.base_model).expanduser() if m.base_model and not m.base_model.startswith("builtin:") else None
+    if folder is not None and not folder.is_absolute() and r.path:
+        folder = folder if folder.exists() else Path(r.path).resolve().parent / folder
+    if folder is None or not folder.is_dir():
+        return out
+    pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickled and not any(folder.glob("*.safetensors")) and not m.allow_pickle_weights:
+        out.append(Problem("error", "base_model", f"{m.base_model} holds only pickle weights ({pickled[0]}), which can run code "
+                           "when loaded; convert them to safetensors, or set allow_pickle_weights: true for files you trust"))
+    config_file = folder / "config.json"
+    if config_file.exists() and not m.trust_remote_code:
+        import json
+
+        try:
+            auto_map = json.loads(config_file.read_text()).get("auto_map")
+        except (ValueError, UnicodeDecodeError):
+            auto_map = None
+        if auto_map:
+            out.append(Problem("error", "base_model", f"{m.base_model} ships its own model code (auto_map in config.json); "
+                               "set trust_remote_code: true only if you trust it, or use a model transformers has built in"))
+    return out
+
+
 def _trackers(r: "Resolved") -> list[Problem]:
     """A tracker the run would report to whose package is missing: found here, before any model loads."""
     import importlib.util
@@ -332,6 +365,9 @@ def _trackers(r: "Resolved") -> list[Problem]:
             if importlib.util.find_spec(module) is None:
                 named = "report_to" if tracker in o.report_to else key
                 out.append(Problem("error", named, f"{tracker} is not installed; pip install 'lmtune[{tracker}]'"))
+    if "tensorboard" in o.report_to and importlib.util.find_spec("tensorboard") is None:
+        out.append(Problem("warning", "report_to", "tensorboard is not installed, so this run writes metrics.jsonl only; "
+                           "pip install 'lmtune[tensorboard]'"))
     if "none" in o.report_to and len(o.report_to) > 1:
         out.append(Problem("warning", "report_to", "none is listed with other trackers; the others are used"))
     return out

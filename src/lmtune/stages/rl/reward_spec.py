@@ -26,6 +26,8 @@ def reward_function_parts(spec: str, base: Optional[Path]) -> tuple[Path, str]:
         path = base / path
     if not path.is_file():
         raise RewardSpecError(f"reward_function: the file {path_text} does not exist (relative paths are read from the config's folder)")
+    if path.suffix != ".py":
+        raise RewardSpecError(f"reward_function: {path_text} is not a Python file; name a .py file and a function in it (file.py:name)")
     return path, name
 
 
