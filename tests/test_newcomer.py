@@ -66,3 +66,56 @@ def test_explain_into_a_closed_pipe_is_quiet():
 
     done = subprocess.run(f"{sys.executable} -m lmtune explain --markdown | head -1", shell=True, capture_output=True, text=True)
     assert done.stdout.startswith("# ") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_export_merge_of_an_rm_run_keeps_the_reward_head_and_score_reads_it(tmp_path, capsys):
+    from test_alignment import preference_rows, run_config
+
+    from lmtune.engine.loop import train
+
+    result = train(run_config(tmp_path, "rm", "lora", max_steps=2, validation_split_ratio=0.0), quiet=True)
+    assert main(["score", str(result.run_dir), "--prompt", "Say thanks.", "--answer", "the thanks"]) == 0
+    adapter_score = float(capsys.readouterr().out.split()[-1])
+    out = tmp_path / "merged"
+    assert main(["export", str(result.run_dir), "--merge", "--dtype", "fp32", "--out", str(out)]) == 0
+    assert "reward model (AutoModelForSequenceClassification, one output)" in capsys.readouterr().out
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out).architectures == ["LlamaForSequenceClassification"]
+    assert main(["score", str(out), "--prompt", "Say thanks.", "--answer", "the thanks"]) == 0
+    assert abs(float(capsys.readouterr().out.split()[-1]) - adapter_score) < 1e-3  # the same reward, merged
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": r["prompt"], "input": "", "chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+                            for r in preference_rows(3)))
+    assert main(["score", str(out), "--file", str(rows)]) == 0, capsys.readouterr()
+    assert capsys.readouterr().out.count("reward_chosen") == 3
+
+
+def test_score_on_a_policy_run_and_chat_on_pickle_weights_answer_in_one_line(tmp_path, capsys):
+    from test_train import make_config, run
+
+    result = run(make_config(tmp_path, method="lora", max_steps=2))
+    assert main(["score", str(result.run_dir), "--text", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "was trained with stage: sft; score reads reward models" in err
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    from lmtune.model.builtin import builtin_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(builtin_path("builtin:tiny"))
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # pickle weights only, as older checkpoints ship
+    AutoTokenizer.from_pretrained(builtin_path("builtin:tiny")).save_pretrained(folder)
+    assert main(["chat", str(folder), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "its weights are not in safetensors" in err
+
+
+def test_chat_prompts_read_backslash_n_as_a_newline():
+    from lmtune.cli import with_escapes
+
+    assert with_escapes("Reverse the list.\\n\\n1 2 3") == "Reverse the list.\n\n1 2 3"
+    assert with_escapes("no escapes: é") == "no escapes: é"

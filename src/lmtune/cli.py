@@ -313,17 +313,28 @@ def run_chat(args: argparse.Namespace) -> int:
     options["demarcation"] = meta.get("add_input_output_demarcation_key", False)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
-        print(answer(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], meta.get("template"), **options)[0])
+        prompt = with_escapes(args.prompt)  # `--prompt 'Reverse the list.\n\n1 2 3'`, as a shell passes it
+        print(answer(model, tokenizer, [system + [{"role": "user", "content": prompt}]], meta.get("template"), **options)[0])
         return 0
     history = list(system)
-    print("Type a message; an empty line or Ctrl-D ends the chat.")
+    print("Type a message and press Enter; end a line with \\ to go on to the next line of the same message. "
+          "Ctrl-D (or /exit) ends the chat.")
     while True:
+        lines: list[str] = []
         try:
-            text = input("you> ")
+            while True:
+                line = input("you> " if not lines else "...> ")
+                if not line.endswith("\\"):
+                    lines.append(line)
+                    break
+                lines.append(line[:-1])
         except EOFError:
             break
-        if not text.strip():
+        text = "\n".join(lines)
+        if text.strip() == "/exit":
             break
+        if not text.strip():
+            continue
         history.append({"role": "user", "content": text})
         reply = answer(model, tokenizer, [history], meta.get("template"), **options)[0]
         history.append({"role": "assistant", "content": reply})
@@ -386,14 +397,23 @@ def run_export(args: argparse.Namespace) -> int:
         return 1
     import torch
 
-    model, tokenizer, meta = load_for_inference(args.run, merge=adapter)
+    if json.loads((folder / "lmtune.json").read_text()).get("stage") == "rm":  # a reward model keeps its scalar head
+        from .score import load_reward_model
+
+        model, tokenizer, _ = load_reward_model(args.run)
+        model = model.merge_and_unload() if adapter else model
+        model.config.pad_token_id = tokenizer.pad_token_id  # transformers finds each sequence's last token by it
+        what = "reward model (AutoModelForSequenceClassification, one output)"
+    else:
+        model, tokenizer, _ = load_for_inference(args.run, merge=adapter)
+        what = "model"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model = model.to(dtype)
     out = Path(args.out or Path(args.run) / "merged")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "lmtune.json").write_text((folder / "lmtune.json").read_text())
-    print(f"wrote a standalone {args.dtype} model to {out}")
+    print(f"wrote a standalone {args.dtype} {what} to {out}")
     return 0
 
 
@@ -526,6 +546,11 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         if launched():
             record_failure(f"internal error ({type(exc).__name__}): {exc}")
         raise
+
+
+def with_escapes(text: str) -> str:
+    """\\n and \\t typed on a command line as the newline and tab they stand for (other characters untouched)."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def close_progress_bars() -> None:

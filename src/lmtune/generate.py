@@ -40,18 +40,31 @@ def load_for_inference(run: str | Path, merge: bool = False) -> tuple[Any, Any, 
             f"{run}: not a trained run (no model in it or in its final/ folder); give a run's output_dir or its final/ folder"
         )
     meta = run_meta(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if (folder / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(model_location(meta["base_model"]), use_safetensors=True)
-        model = PeftModel.from_pretrained(base, folder)
-        if merge:
-            model = model.merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+            base = AutoModelForCausalLM.from_pretrained(model_location(meta["base_model"]), use_safetensors=True)
+            model = PeftModel.from_pretrained(base, folder)
+            if merge:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as error:  # pickle-only weights, a model's own code, a broken folder
+        raise RunNotFound(f"{run}: {cannot_load_why(error)}") from None
     model.eval()
     return model, tokenizer, meta
+
+
+def cannot_load_why(error: Exception) -> str:
+    """One line for a model folder transformers refuses: safetensors only, no remote code, or its own words."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "safetensors" in text.lower() or ".bin" in text:
+        return "its weights are not in safetensors (pickle files can run code when loaded); convert them to safetensors"
+    if "trust_remote_code" in text:
+        return "the model ships its own code; lmtune runs it only for a training config with trust_remote_code: true"
+    return f"cannot be loaded ({type(error).__name__}: {text})"
 
 
 def generation_settings(run: str | Path) -> dict[str, Any]:

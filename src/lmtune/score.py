@@ -12,7 +12,7 @@ from .data.batches import pad_batch
 from .data.templates import pick_renderer
 from .data.tokenize import encode_batch
 from .errors import UserError
-from .generate import RunNotFound, final_dir, run_meta
+from .generate import RunNotFound, cannot_load_why, final_dir, run_meta
 
 
 class ScoreInputError(UserError, ValueError):
@@ -32,14 +32,20 @@ def load_reward_model(location: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     except (OSError, ValueError) as error:
         raise RunNotFound(f"{location}: neither a run folder nor a reward model that can be loaded ({error})") from None
     meta = run_meta(folder) if folder.exists() else {}
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
+    if meta.get("stage") not in (None, "rm"):
+        raise RunNotFound(f"{location}: was trained with stage: {meta['stage']}; score reads reward models (an rm run's folder); "
+                          "ask a policy with `lmtune chat`")
+    try:
+        if (folder / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        base_name = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForSequenceClassification.from_pretrained(model_location(base_name), num_labels=1, use_safetensors=True)
-        model = PeftModel.from_pretrained(base, folder)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
+            base_name = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base = AutoModelForSequenceClassification.from_pretrained(model_location(base_name), num_labels=1, use_safetensors=True)
+            model = PeftModel.from_pretrained(base, folder)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise RunNotFound(f"{location}: {cannot_load_why(error)}") from None
     if model.config.num_labels != 1:
         raise RunNotFound(f"{location}: has {model.config.num_labels} outputs; a reward model has one (train it with stage: rm)")
     return model.eval().requires_grad_(False), tokenizer, meta
@@ -68,6 +74,8 @@ def conversation_ids(tokenizer: Any, meta: dict[str, Any], prompt: str, answers:
 
 
 def rows_of(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Rows of `text`, `prompt` + `answer`, or `prompt` + `chosen` + `rejected`; an alpaca-style `instruction` (+ `input`)
+    is the prompt, as the rm data it was trained on writes it."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -75,8 +83,11 @@ def rows_of(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ScoreInputError(f"{path} line {number}: not JSON ({error.msg})") from None
+        if isinstance(row, dict) and "prompt" not in row and row.get("instruction"):
+            row = {**row, "prompt": f"{row['instruction']}\n\n{row['input']}" if row.get("input") else str(row["instruction"])}
         if not isinstance(row, dict) or not ({"text"} <= set(row) or {"prompt", "answer"} <= set(row) or {"prompt", "chosen", "rejected"} <= set(row)):
-            raise ScoreInputError(f"{path} line {number}: a row needs `text`, or `prompt` and `answer`, or `prompt`, `chosen` and `rejected`")
+            raise ScoreInputError(f"{path} line {number}: a row needs `text`, or `prompt` (or `instruction`) and `answer`, "
+                                  "or `prompt`, `chosen` and `rejected`")
         yield number, row
 
 
