@@ -119,3 +119,17 @@ def test_chat_prompts_read_backslash_n_as_a_newline():
 
     assert with_escapes("Reverse the list.\\n\\n1 2 3") == "Reverse the list.\n\n1 2 3"
     assert with_escapes("no escapes: é") == "no escapes: é"
+
+
+def test_plan_takes_current_cards_and_an_8bit_config_without_bitsandbytes(tmp_path, capsys, monkeypatch):
+    from lmtune.config import rules
+
+    monkeypatch.setattr(rules, "installed", lambda module: module != "bitsandbytes")  # a fresh install without the quant extra
+    config = tmp_path / "c.yaml"
+    config.write_text("base_model: builtin:tiny\nmethod: lora\nint8_quantization: true\n")
+    assert main(["check", str(config)]) == 1
+    assert "error: int8_quantization: quantised bases need bitsandbytes" in capsys.readouterr().out
+    for card in ("h200", "h100-nvl", "b200", "l40s", "rtx-4090", "rtx-5090", "mi300x"):
+        assert main(["plan", str(config), "--gpu", card]) == 0, card
+        captured = capsys.readouterr()
+        assert "int8_quantization: quantised bases need bitsandbytes" in captured.err and "plan reads config.json only" in captured.err

@@ -134,9 +134,13 @@ def run_plan(args: argparse.Namespace) -> int:
     from .plan import as_json, cpu_memory_gib, default_device, default_devices, make_plan, parse_memory, table
 
     resolved = resolve(args.config, args.set)
-    if resolved.config is None or resolved.errors:
-        _print_problems(resolved.errors, sys.stderr)
+    # What this machine lacks (bitsandbytes, a tracker) does not stop sizing the run for another one.
+    errors = [p for p in resolved.errors if not p.machine]
+    if resolved.config is None or errors:
+        _print_problems(errors or resolved.errors, sys.stderr)
         return 1
+    for problem in resolved.errors:
+        print(f"note: {problem.key}: {problem.message} (on this machine; plan reads config.json only)", file=sys.stderr)
     if not resolved.config.model.base_model:
         print("error: base_model: no model given; plan reads its config.json", file=sys.stderr)
         return 1
@@ -446,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     with_overrides(p)
     p.add_argument("--gpus", type=int, default=None, help="devices (processes); default 1, or SM_NUM_GPUS")
-    p.add_argument("--gpu", choices=["h100", "a100-80g", "a100-40g", "l4", "a10g", "t4", "cpu"], default=None,
-                   help="the device kind; default: the visible GPU, else cpu")
+    from .plan import DEVICES  # names only: plan reads no torch
+
+    p.add_argument("--gpu", choices=list(DEVICES), default=None, help="the device kind; default: the visible GPU, else cpu")
     p.add_argument("--gpu-memory", help="memory per device, like 80GiB (default: the kind's)")
     p.add_argument("--json", action="store_true", help="the numbers, machine-readable")
 

@@ -49,7 +49,16 @@ class Device:
 
 # Vendor datasheet dense peaks (no sparsity); CPU: a nominal 2-core figure, override with --gpu-memory for RAM.
 DEVICES = {
+    "b200": Device(180, 2250, 80, 1100, 2.0),
+    "h200": Device(141, 989, 67, 494, 1.5),
     "h100": Device(80, 989, 67, 494, 1.5),
+    "h100-nvl": Device(94, 835, 60, 418, 1.5),
+    "h100-pcie": Device(80, 756, 51, 378, 1.5),
+    "mi300x": Device(192, 1307, 163.4, 653.7, 2.0),
+    "l40s": Device(48, 362, 91.6, 183, 1.0),
+    # GeForce cards: bf16 with fp32 accumulation (what training uses) runs at half their fp16-accumulate rate.
+    "rtx-5090": Device(32, 104.8, 104.8, 104.8, 1.0),
+    "rtx-4090": Device(24, 82.6, 82.6, 82.6, 1.0),
     "a100-80g": Device(80, 312, 19.5, 156, 1.5),
     "a100-40g": Device(40, 312, 19.5, 156, 1.5),
     "l4": Device(24, 121, 30.3, 60, 1.0),

@@ -79,6 +79,7 @@ def quantisation_needs_adapters(r: "Resolved") -> list[Problem]:
                 "error",
                 "method" if c.method == "qlora" else "int8_quantization",
                 "quantised bases need bitsandbytes; install it with `pip install 'lmtune[quant]'`",
+                machine=True,
             )
         )
     return out
@@ -266,7 +267,8 @@ def optimizer_settings(r: "Resolved") -> list[Problem]:
         out.append(Problem("warning", ", ".join(adam), f"ignored with optimizer: {t.optimizer}; they apply to Adam"))
     if t.optimizer == "adamw_8bit" and not installed("bitsandbytes"):
         out.append(
-            Problem("error", "optimizer", "adamw_8bit needs bitsandbytes; `pip install 'lmtune[quant]'` or use adamw_torch")
+            Problem("error", "optimizer", "adamw_8bit needs bitsandbytes; `pip install 'lmtune[quant]'` or use adamw_torch",
+                    machine=True)
         )
     if t.optimizer == "adamw_torch_fused" and not cuda_visible():
         out.append(Problem("note", "optimizer", "no CUDA device here; the fused AdamW runs its CPU kernel"))
@@ -364,7 +366,7 @@ def _trackers(r: "Resolved") -> list[Problem]:
         if tracker in o.report_to or getattr(o, key):
             if importlib.util.find_spec(module) is None:
                 named = "report_to" if tracker in o.report_to else key
-                out.append(Problem("error", named, f"{tracker} is not installed; pip install 'lmtune[{tracker}]'"))
+                out.append(Problem("error", named, f"{tracker} is not installed; pip install 'lmtune[{tracker}]'", machine=True))
     if "tensorboard" in o.report_to and importlib.util.find_spec("tensorboard") is None:
         out.append(Problem("warning", "report_to", "tensorboard is not installed, so this run writes metrics.jsonl only; "
                            "pip install 'lmtune[tensorboard]'"))
