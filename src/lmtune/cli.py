@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import __version__
 
@@ -436,10 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _config_commands(sub)
+    _training_commands(sub)
+    _model_commands(sub)
+    return parser
 
-    def with_overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
 
+def with_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+
+
+def _config_commands(sub: Any) -> None:
+    """check, plan, convert, explain: reading configs, nothing heavy."""
     p = sub.add_parser("check", help="validate a config without loading anything heavy")
     p.add_argument("config", help="YAML or JSON config (SageMaker hyperparameters.json works too)")
     with_overrides(p)
@@ -469,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(p)
     p.add_argument("--markdown", action="store_true", help="print the full reference as Markdown")
 
+
+def _training_commands(sub: Any) -> None:
+    """train, data, eval: a config's run and its data."""
     p = sub.add_parser("train", help="fine-tune a model as the config says")
     p.add_argument("config")
     with_overrides(p)
@@ -486,17 +497,29 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(p)
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered examples, trained tokens highlighted")
 
+    p = sub.add_parser("eval", help="eval loss and perplexity of a trained model on the config's validation data")
+    p.add_argument("config")
+    with_overrides(p)
+    p.add_argument("--checkpoint", required=True, help="a run folder, its final/ folder, or a checkpoint folder")
+
+    p = sub.add_parser("sagemaker", help="a SageMaker training job's entry point (reads /opt/ml or $SAGEMAKER_BASE_DIR)",
+                       description="Train as a SageMaker training job: hyperparameters from hyperparameters.json, SM_HPS "
+                       "and --name value flags; data from the train/validation channels; the base model from the model "
+                       "channel or base_model. See docs/sagemaker.md.")
+    p.add_argument("hyperparameters", nargs="*", help="--name value pairs, as the SageMaker toolkit passes them")
+
+    p = sub.add_parser("quickstart", help="an offline fine-tuning run from start to end, in a few minutes")
+    p.add_argument("--out", default="runs/quickstart", help="where the data, config and run go")
+
+
+def _model_commands(sub: Any) -> None:
+    """chat, score, export: a trained run's model."""
     p = sub.add_parser("chat", help="talk to a trained run, with the template it was trained with")
     p.add_argument("run", help="a run folder (output_dir) or its final/ folder")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--system", help="a system message")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's max_new_tokens")
     p.add_argument("--temperature", type=float, default=None, help="0 answers greedily; default: the run's settings")
-
-    p = sub.add_parser("eval", help="eval loss and perplexity of a trained model on the config's validation data")
-    p.add_argument("config")
-    with_overrides(p)
-    p.add_argument("--checkpoint", required=True, help="a run folder, its final/ folder, or a checkpoint folder")
 
     p = sub.add_parser("score", help="rewards from a trained reward model (an rm run)")
     p.add_argument("run", help="an rm run folder (output_dir) or its final/ folder")
@@ -510,16 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--out", help="where to write (default: RUN/merged)")
-
-    p = sub.add_parser("sagemaker", help="a SageMaker training job's entry point (reads /opt/ml or $SAGEMAKER_BASE_DIR)",
-                       description="Train as a SageMaker training job: hyperparameters from hyperparameters.json, SM_HPS "
-                       "and --name value flags; data from the train/validation channels; the base model from the model "
-                       "channel or base_model. See docs/sagemaker.md.")
-    p.add_argument("hyperparameters", nargs="*", help="--name value pairs, as the SageMaker toolkit passes them")
-
-    p = sub.add_parser("quickstart", help="an offline fine-tuning run from start to end, in a few minutes")
-    p.add_argument("--out", default="runs/quickstart", help="where the data, config and run go")
-    return parser
 
 
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:

@@ -126,11 +126,31 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
     """Entries for torchtune's component blocks and its own top-level names; returns what is left."""
     entries: list[Entry] = []
     rest = dict(raw)
+    for read in (_torchtune_model, _torchtune_files, _torchtune_optimisation, _torchtune_loss, _torchtune_dataset):
+        read(rest, entries)
+    for theirs, ours in TORCHTUNE_PLAIN.items():
+        if theirs in rest:
+            value = rest.pop(theirs)
+            if value is None:
+                entries.append(Entry(theirs, value, "ignored", {}, "left empty: lmtune's default applies"))
+            else:
+                entries.append(Entry(theirs, value, "mapped", {ours: value}))
+    if "dtype" in rest:
+        value = str(rest.pop("dtype"))
+        precision = {"bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}.get(value, value)
+        entries.append(Entry("dtype", value, "changed", {"precision": precision}, "bf16 runs keep fp32 master weights and compute in bf16"))
+    if "max_steps_per_epoch" in rest:
+        value = rest.pop("max_steps_per_epoch")
+        if value:
+            epochs = raw.get("epochs") or 1
+            entries.append(Entry("max_steps_per_epoch", value, "changed", {"max_steps": int(value) * int(epochs)},
+                                 "lmtune caps the whole run: max_steps = max_steps_per_epoch x epochs"))
+    return entries, rest
 
-    def take(name: str) -> Any:
-        return rest.pop(name, None)
 
-    model = take("model")
+def _torchtune_model(rest: dict[str, Any], entries: list[Entry]) -> None:
+    """The model block: its LoRA settings, or full fine-tuning."""
+    model = rest.pop("model", None)
     if isinstance(model, dict):
         name, settings = _component(model), {}
         if name.startswith(("lora_", "qlora_")) or "lora_rank" in model:
@@ -152,17 +172,25 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
         if model.get("apply_lora_to_output"):
             why += "; apply_lora_to_output has no lmtune equivalent (the output head keeps no adapter)"
         entries.append(Entry("model", model, "changed", settings, why))
-    checkpointer = take("checkpointer")
+
+
+def _torchtune_files(rest: dict[str, Any], entries: list[Entry]) -> None:
+    """The checkpointer and tokenizer blocks: where the base model is, and the longest example."""
+    checkpointer = rest.pop("checkpointer", None)
     if isinstance(checkpointer, dict):
         settings = {"base_model": checkpointer["checkpoint_dir"]} if checkpointer.get("checkpoint_dir") else {}
         entries.append(Entry("checkpointer", checkpointer, "changed", settings,
                              "the Hugging Face checkpoint folder is the base model; its files are found by transformers"))
-    tokenizer = take("tokenizer")
+    tokenizer = rest.pop("tokenizer", None)
     if isinstance(tokenizer, dict):
         settings = {"max_input_length": tokenizer["max_seq_len"]} if tokenizer.get("max_seq_len") else {}
         entries.append(Entry("tokenizer", tokenizer, "changed", settings,
                              "the tokenizer is read from the base model's folder; max_seq_len is the longest example"))
-    optimizer = take("optimizer")
+
+
+def _torchtune_optimisation(rest: dict[str, Any], entries: list[Entry]) -> None:
+    """The optimizer and learning-rate scheduler blocks."""
+    optimizer = rest.pop("optimizer", None)
     if isinstance(optimizer, dict):
         name = _component(optimizer)
         settings = {"optimizer": TORCHTUNE_OPTIMIZERS.get(name, "adamw_torch")}
@@ -173,14 +201,18 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
             settings["adam_beta1"], settings["adam_beta2"] = optimizer["betas"]
         why = f"{optimizer.get('_component_')}" + ("" if name in TORCHTUNE_OPTIMIZERS else ": not known, AdamW instead")
         entries.append(Entry("optimizer", optimizer, "changed" if name in TORCHTUNE_OPTIMIZERS else "unsupported", settings, why))
-    scheduler = take("lr_scheduler")
+    scheduler = rest.pop("lr_scheduler", None)
     if isinstance(scheduler, dict):
         name = _component(scheduler)
         settings = {"lr_scheduler": TORCHTUNE_SCHEDULERS.get(name, "constant")}
         if "num_warmup_steps" in scheduler:
             settings["warmup_steps"] = scheduler["num_warmup_steps"]
         entries.append(Entry("lr_scheduler", scheduler, "changed", settings, str(scheduler.get("_component_"))))
-    loss = take("loss")
+
+
+def _torchtune_loss(rest: dict[str, Any], entries: list[Entry]) -> None:
+    """The loss block: a preference loss makes the run dpo."""
+    loss = rest.pop("loss", None)
     if isinstance(loss, dict):
         name = _component(loss)
         if name in TORCHTUNE_LOSSES:
@@ -195,7 +227,11 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
             entries.append(Entry("loss", loss, "changed", settings, f"{loss.get('_component_')} is dpo's {kind} loss"))
         else:
             entries.append(Entry("loss", loss, "changed", {}, f"{loss.get('_component_')}: the stage's own loss (cross-entropy on trained tokens)"))
-    dataset = take("dataset")
+
+
+def _torchtune_dataset(rest: dict[str, Any], entries: list[Entry]) -> None:
+    """The dataset block (or list of blocks), read by what its builders load."""
+    dataset = rest.pop("dataset", None)
     if isinstance(dataset, (dict, list)):
         blocks = dataset if isinstance(dataset, list) else [dataset]
         specs, formats = [], set()
@@ -215,24 +251,6 @@ def _torchtune(raw: dict[str, Any]) -> tuple[list[Entry], dict[str, Any]]:
             if "packed" in block:
                 entries.append(Entry("dataset.packed", block["packed"], "mapped", {"pack_to_length": _truthy(block["packed"])}))
         entries.append(Entry("dataset", dataset, "changed", {"dataset": specs}, "torchtune dataset builders, read by what they load"))
-    for theirs, ours in TORCHTUNE_PLAIN.items():
-        if theirs in rest:
-            value = rest.pop(theirs)
-            if value is None:
-                entries.append(Entry(theirs, value, "ignored", {}, "left empty: lmtune's default applies"))
-            else:
-                entries.append(Entry(theirs, value, "mapped", {ours: value}))
-    if "dtype" in rest:
-        value = str(rest.pop("dtype"))
-        precision = {"bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}.get(value, value)
-        entries.append(Entry("dtype", value, "changed", {"precision": precision}, "bf16 runs keep fp32 master weights and compute in bf16"))
-    if "max_steps_per_epoch" in rest:
-        value = rest.pop("max_steps_per_epoch")
-        if value:
-            epochs = raw.get("epochs") or 1
-            entries.append(Entry("max_steps_per_epoch", value, "changed", {"max_steps": int(value) * int(epochs)},
-                                 "lmtune caps the whole run: max_steps = max_steps_per_epoch x epochs"))
-    return entries, rest
 
 
 # -- LLaMA-Factory's dataset names ----------------------------------------------------------------------
