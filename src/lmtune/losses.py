@@ -20,9 +20,13 @@ from .model.sharded import is_sharded
 CHUNK = 1024
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits over the sampling temperature; at 1 the same tensor (no copy of a batch x vocab block)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _chunk_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits if temperature == 1.0 else logits / temperature, targets, reduction="none")
+    return F.cross_entropy(_tempered(head(hidden).float(), temperature), targets, reduction="none")
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -52,7 +56,7 @@ def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], tempera
     keep = targets != IGNORE
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not uses_plain_head(model):
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
+        logits = _tempered(model(**inputs, use_cache=False).logits[:, :-1].float(), temperature)
         return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, rows_read(keep)):
@@ -80,7 +84,7 @@ def listed_target_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
     if not uses_plain_head(model):
         logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size).index_select(0, rows)
-        return F.cross_entropy(logits.float() / temperature, targets, reduction="none")
+        return F.cross_entropy(_tempered(logits.float(), temperature), targets, reduction="none")
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, torch.unique(rows)):
         hidden = decoder(**inputs, use_cache=False).last_hidden_state

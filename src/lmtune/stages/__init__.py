@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from .base import Objective, Stage, trains_adapters  # noqa: F401  (the names stage modules and callers use)
+from .base import Objective, Stage  # noqa: F401  (Objective: the type the engine runs)
 from .causal_lm import PT, SFT
 from .grpo import GRPO
 from .kto import KTO_STAGE

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config.method import trains_adapters  # noqa: F401  (the stages read it from here)
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..config.fields import Group, setting
+from ..config.method import trains_adapters
 from ..config.problem import Problem
 from ..data.records import DataError
+from ..data.tokenize import IGNORE
 from ..lazy import lazy
-from .base import Objective, Stage, trains_adapters
+from .base import Objective, Stage
 from .reference import Reference, precomputed
 
 if TYPE_CHECKING:
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 torch = lazy("torch")
 batching = lazy("lmtune.data.batches")
 losses = lazy("lmtune.losses")
-IGNORE = -100
 
 
 class KTOArgs(Group):

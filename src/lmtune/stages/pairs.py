@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..config.problem import Problem
+from ..data.tokenize import IGNORE
 from ..lazy import lazy
 from .base import Objective, Stage
 
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 
 torch = lazy("torch")
 batching = lazy("lmtune.data.batches")
-IGNORE = -100
 
 
 def _shared_prompt_length(pair: dict[str, Any]) -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from ..config.fields import Group, setting
+from ..config.method import trains_adapters
 from ..config.problem import Problem
 from ..lazy import lazy
-from .base import trains_adapters
 from .pairs import PairObjective, PairStage
 from .reference import Reference, precomputed
 

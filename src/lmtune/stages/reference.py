@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from ..config.method import trains_adapters
 from ..lazy import lazy
-from .base import trains_adapters
 
 torch = lazy("torch")
 distributed = lazy("lmtune.engine.distributed")
