@@ -255,7 +255,13 @@ def run_train(args: argparse.Namespace) -> int:
         skip_bitsandbytes_unless_needed(config)
     from .engine.loop import train
 
-    result = train(config, Path(args.config).resolve().parent, resume=args.resume)
+    from .engine.preemption import CONTINUE, Stopped
+
+    try:
+        result = train(config, Path(args.config).resolve().parent, resume=args.resume)
+    except Stopped as exc:
+        again = " ".join(["lmtune train", args.config, *(f"--set {item}" for item in args.set or []), "--resume"])
+        raise Stopped(f"{str(exc).removesuffix(CONTINUE)}; continue with: {again}", exc.exit_code) from None
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports for all
     from .stages import stage_of
@@ -551,16 +557,25 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         return 0
     from .errors import UserError
 
-    from .launch import launched, record_failure
+    from .launch import FAILURES, keep_output, launched, lost_contact, record_failure
 
+    if launched():
+        keep_output()
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
         close_progress_bars()  # the error starts a line of its own, not the end of a bar's
         print(f"error: {exc}", file=sys.stderr)
         record_failure(str(exc))
-        return 1
+        return getattr(exc, "exit_code", 1)
     except Exception as exc:  # a bug: the traceback stays; a launch still names the process that failed
+        if launched() and lost_contact(exc):  # another process died or hung: the launcher names it
+            close_progress_bars()
+            line = f"lost contact with the other processes ({str(exc).splitlines()[0][:160]})"
+            if not os.environ.get(FAILURES):  # under torchrun nobody else says it; under ours the launcher names the cause
+                print(f"error: {line}", file=sys.stderr)
+            record_failure(f"timed out: {line}" if "imeout" in str(exc) or "imed out" in str(exc) else line)
+            return 1
         if launched():
             record_failure(f"internal error ({type(exc).__name__}): {exc}")
         raise
@@ -584,6 +599,10 @@ def entry() -> int:
     except BrokenPipeError:  # `lmtune explain | head`: the reader stopped reading; nothing is wrong
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before a run's first step (from there on a run stops with a checkpoint)
+        close_progress_bars()
+        print("\ninterrupted: nothing was trained yet, so nothing is saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -239,7 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"done: {result.steps} steps in {result.seconds:.1f}s", flush=True)
         return 0
     except UserError as exc:
-        return fail(job, str(exc))
+        code = fail(job, str(exc))
+        return getattr(exc, "exit_code", code)  # a job stopped by SIGTERM (spot) exits 143 with its checkpoint saved
     except Exception as exc:  # a bug in lmtune: SageMaker still gets a reason, and the log gets the traceback
         import traceback
 

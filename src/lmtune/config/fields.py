@@ -46,13 +46,18 @@ def setting(
 
 
 def split_commas(value: Any) -> Any:
-    """LLaMA-Factory and SageMaker pass lists as 'a,b,c' strings."""
+    """LLaMA-Factory and SageMaker pass lists as 'a,b,c' strings; SageMaker also as JSON lists ('["a","b"]') or as
+    Python's printing of one ("['a', 'b']", what `str(list)` in a launch script gives)."""
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        return [part.strip().strip("'\"").strip() for part in text.split(",") if part.strip().strip("'\"").strip()]
     return value
 
 
 class Group(BaseModel):
     # Validators are built on first use, not at import: `explain KEY` and
     # `explain --markdown` read the field docs and never need them.
-    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
+    # allow_inf_nan: a `.nan` or `.inf` in YAML is a typo for every number lmtune reads, caught at check.
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True, allow_inf_nan=False)

@@ -62,6 +62,54 @@ class ConfigError(UserError):
         super().__init__(text or "the config has errors (listed above); `lmtune check CONFIG` shows everything")
 
 
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_VALUES = 100_000  # after YAML aliases are expanded: a few hundred settings need far fewer
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML (and JSON, a subset of it) where a key written twice in one mapping is an error, not the last one wins."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` then a key of its own overrides it, as YAML means
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:
+                    continue  # an unhashable key: the base constructor reports it
+                if first is not None:
+                    where = f"lines {first} and {line}" if first != line else f"both on line {line}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"`{key}` is set twice ({where}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _too_many_values(data: Any) -> bool:
+    """More values than any config holds once aliases are expanded (a 'billion laughs' file), or a cycle."""
+    stack, count = [data], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """A value as a message shows it: its repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]" if text[:1] == "[" else text[: limit - 4] + " ..."
+
+
 def read_file(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
     """Parse a config file; syntax errors come back as problems with line and column."""
     path = Path(path)
@@ -69,21 +117,31 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], list[Problem]]:
         return {}, [Problem("error", str(path), "is a folder; give the config file (.yaml or .json) inside it")]
     if not path.is_file():
         return {}, [Problem("error", str(path), "no such config file; check the path")]
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        return {}, [Problem("error", str(path), f"is {path.stat().st_size:,} bytes; a config is a page of settings "
+                                                 f"(at most {MAX_CONFIG_BYTES:,} bytes): is this the dataset?")]
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         return {}, [Problem("error", str(path), f"not UTF-8 text (byte {exc.start}); save the config as UTF-8 YAML or JSON")]
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader: no Python objects are built)
+    except RecursionError:
+        return {}, [Problem("error", str(path), "nested too deeply to be a config; write the settings as `key: value` lines")]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "is set twice" in reason:
+            return {}, [Problem("error", str(path), f"{where}: {reason}")]
         return {}, [Problem("error", str(path), f"not valid YAML at {where}: {reason}; fix the syntax there")]
     if data is None:
         return {}, [Problem("error", str(path), "the file is empty; write at least `base_model:` and `dataset:`")]
     if not isinstance(data, dict):
         return {}, [Problem("error", str(path), "the file must be a mapping of `key: value` lines")]
+    if _too_many_values(data):
+        return {}, [Problem("error", str(path), f"expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and "
+                                                 "aliases repeated, or one that holds itself); write the settings out")]
     return data, []
 
 
@@ -149,6 +207,8 @@ class _Assignments:
         if value is False and _is_optional(key) and bool not in typing.get_args(field_info(key).annotation):
             value = None  # torchtune writes `resume_from_checkpoint: False` for "none"
         if value is None and not _is_optional(key):
+            if source.origin == "override":  # `--set lora_target=`: on a command line, an empty value is a slip
+                self.problems.append(Problem("error", key, f"`--set {source.name}=` gives no value; give one, or leave the --set out"))
             return  # an empty key in Axolotl/LLaMA-Factory files means "default"
         if key in self.values and source.origin != "override":
             earlier = self.sources[key]
@@ -162,8 +222,8 @@ class _Assignments:
                     Problem(
                         "error",
                         key,
-                        f"set twice with different values: `{earlier.name}` gives {old!r}, "
-                        f"`{source.name}` gives {value!r}; keep one of them",
+                        f"set twice with different values: `{earlier.name}` gives {short(old)}, "
+                        f"`{source.name}` gives {short(value)}; keep one of them",
                     )
                 )
             return

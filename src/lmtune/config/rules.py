@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -206,6 +207,9 @@ def the_stage_rules(r: "Resolved") -> list[Problem]:
     return out
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 @rule
 def data_settings(r: "Resolved") -> list[Problem]:
     d = r.config.data
@@ -247,6 +251,13 @@ def data_settings(r: "Resolved") -> list[Problem]:
                 candidate = base / candidate
             if looks_local and not candidate.exists():
                 out.append(Problem("error", key, f"{where}: no such file or folder; check the path"))
+            elif not candidate.exists() and not HUB_ID.fullmatch(where):
+                out.append(Problem("error", key, f"{where!r} is neither a file or folder here nor a hub dataset id "
+                                                 "(`owner/name`); check the value"))
+    if d.max_train_samples == 0:
+        out.append(Problem("error", "max_train_samples", "0 leaves nothing to train on; use -1 for every row, or a count above 0"))
+    if d.max_val_samples == 0:
+        out.append(Problem("error", "max_val_samples", "0 leaves nothing to evaluate; use -1 for every row, or a count above 0"))
     if not d.dataset and not (d.chat_dataset or d.instruction_tuned):
         out.append(Problem("note", "dataset", "no dataset given; `lmtune train` needs one (or a SageMaker train channel)"))
     return out

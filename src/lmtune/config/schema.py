@@ -551,6 +551,8 @@ class TrainingArgs(Group):
     seed: int = setting(
         42,
         "Seed of every random choice in training (weights of new modules, dropout, shuffling).",
+        ge=0,
+        le=2**32 - 1,
         jumpstart=("seed",),
         axolotl=("seed",),
         llamafactory=("seed",),
@@ -569,6 +571,12 @@ class TrainingArgs(Group):
         "Compile the model with `torch.compile` for speed (slower start).",
         axolotl=("torch_compile",),
         torchtune=("compile",),
+    )
+    stop_on_divergence: bool = setting(
+        True,
+        "Stop a run whose gradients stay exactly zero (a collapsed model, often at a loss of ln(vocabulary size)) "
+        "or stay over 1000 times the first steps' norms, for 5 steps in a row, naming the last good checkpoint. "
+        "A non-finite loss or gradient always stops the run.",
     )
 
 
@@ -641,7 +649,10 @@ class DistributedArgs(Group):
     )
     ddp_timeout: int = setting(
         1800,
-        "Seconds a process waits for the others before the run fails.",
+        "Seconds a process waits for the others before the run fails: a process that hangs or is stopped "
+        "ends the whole job after this long, naming it. A dead process ends the job at once.",
+        more="Room for slow steps (a long checkpoint write or evaluation on one process).",
+        less="A hung job is found sooner.",
         ge=1,
         llamafactory=("ddp_timeout",),
     )

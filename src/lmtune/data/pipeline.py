@@ -32,7 +32,7 @@ from .records import (
 from .templates import pick_renderer
 from .tokenize import tokenize_records
 
-DATA_VERSION = "4"  # unpaired (kto) rows; prompts keep their other columns
+DATA_VERSION = "5"  # unpaired (kto) rows; prompts keep their other columns
 
 
 @dataclass
@@ -188,7 +188,12 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
             files = data_files(spec.path, base)
             if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
                 return None
-    return load_records(config, config_dir)[2]
+    train, _, summary = load_records(config, config_dir)
+    kept = [r for r in train if not r.get("drop")]
+    if train and not kept:  # what tokenising would find too: say it before a model loads
+        raise DataError(f"no training example is left after filtering ({len(train)} dropped: {train[0]['drop']}); "
+                        f"the first is {train[0]['where']}; fix the data")
+    return summary
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -230,6 +235,23 @@ def fingerprint(config: Config, tokenizer: Any, max_len: int, config_dir: Option
 def _tokenize_chunk(args: tuple) -> tuple[list, Counter]:
     records, renderer, tokenizer, max_len, policy = args
     return tokenize_records(records, renderer, tokenizer, max_len, policy)
+
+
+def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int) -> None:
+    """max_input_length must hold the template around a one-word exchange and some answer: else every row
+    would be cut to the template's last tokens and trained without its prompt."""
+    if not records or records[0]["kind"] not in ("chat", "preference", "unpaired"):
+        return
+    from .tokenize import encode_batch
+
+    bare = {"kind": "chat", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    segments = renderer.record(bare)
+    overhead = sum(len(piece) for piece in encode_batch(tokenizer, [text for text, _ in segments]))
+    if max_len < overhead + 8:
+        raise DataError(
+            f"max_input_length: {max_len} tokens leave no room for the data: the chat template alone takes {overhead} tokens "
+            f"around a one-word exchange; set max_input_length to at least {overhead + 64} (the longest row needs more)"
+        )
 
 
 def tokenize_all(
@@ -292,6 +314,8 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key)
+    if d.truncation != "drop":  # dropping says itself how many rows were too long
+        leaves_room(train_records, renderer, tokenizer, max_len)
     workers = d.preprocessing_num_workers or 1
     train, train_outcomes = tokenize_all(train_records, renderer, tokenizer, max_len, d.truncation, workers, "train")
     val, val_outcomes = tokenize_all(val_records, renderer, tokenizer, max_len, d.truncation, workers, "validation")

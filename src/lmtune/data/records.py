@@ -47,8 +47,11 @@ class Row:
     where: str  # "file.jsonl line 12" / "file.csv row 4"
 
 
+TOO_DEEP = "nested deeper than any dataset row needs (Python's JSON reader stops at about 1,000 levels); fix or remove it"
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a byte-order mark (Excel, Notepad) is read past
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -56,15 +59,19 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line")
+            except RecursionError:
+                raise DataError(f"{path} line {number}: {TOO_DEEP}") from None
             if not isinstance(value, dict):
                 raise DataError(f"{path} line {number}: expected a JSON object per line, got {type(value).__name__}")
             yield Row(value, f"{path.name} line {number}")
 
 
 def _read_json(path: Path) -> Iterator[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON lines in a .json file
             yield from _read_jsonl(path)
@@ -85,7 +92,7 @@ def _read_json(path: Path) -> Iterator[Row]:
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         for number, item in enumerate(csv.DictReader(handle), 2):
             if None in item:
                 raise DataError(f"{path} line {number}: more cells than header columns; quote cells that hold commas")
@@ -94,7 +101,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
 
 def _read_txt(path: Path) -> Iterator[Row]:
     """A text file is one document per blank-line-separated paragraph."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     for number, block in enumerate(text.split("\n\n"), 1):
         if block.strip():
             yield Row({"text": block.strip("\n")}, f"{path.name} paragraph {number}")
@@ -126,15 +133,22 @@ def _saved_dataset(path: Path) -> bool:
 def data_files(location: str, base: Optional[Path] = None) -> list[Path]:
     """The files behind one dataset entry (a file or a folder of them); [] for a hub id."""
     path = _locate(location, base)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        if _saved_dataset(path):
-            return sorted(p for p in path.rglob("*") if p.is_file())
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name != "template.json")
-        if not files:
-            raise DataError(f"{location}: the folder holds no {', '.join(SUFFIXES)} files")
-        return files
+    try:
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            if _saved_dataset(path):
+                return sorted(p for p in path.rglob("*") if p.is_file())
+            files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.name != "template.json")
+            broken = next((p for p in files if not p.is_file()), None)
+            if broken is not None:
+                raise DataError(f"{broken}: cannot be read (a link that leads nowhere or to itself, or not a file); "
+                                "fix or remove it")
+            if not files:
+                raise DataError(f"{location}: the folder holds no {', '.join(SUFFIXES)} files")
+            return files
+    except OSError as exc:  # a symlink loop (ELOOP), a folder it may not read, ...
+        raise DataError(f"{exc.filename or location}: cannot be read ({exc.strerror}); fix or remove it") from None
     if location.endswith(SUFFIXES) or location.startswith((".", "/", "~")):
         raise DataError(f"{location}: no such file or folder; check the dataset path")
     return []
@@ -228,7 +242,17 @@ def _turn(row: Row, where: str, turn: Any) -> dict[str, str]:
         raise DataError(f"{row.where}: `{where}` needs role/content (or ShareGPT from/value)")
     if str(role).lower() not in ROLE_NAMES:
         raise DataError(f"{row.where}: `{where}` has role {role!r}; expected user, assistant or system")
-    return {"role": ROLE_NAMES[str(role).lower()], "content": str(content)}
+    return {"role": ROLE_NAMES[str(role).lower()], "content": _content(row, where, content)}
+
+
+def _content(row: Row, where: str, content: Any) -> str:
+    """A turn's text; OpenAI's list of parts ([{"type": "text", "text": ...}]) is joined."""
+    if isinstance(content, (str, int, float)):
+        return str(content)
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        return "".join(str(part.get("text", "")) for part in content)
+    raise DataError(f"{row.where}: `{where}` content must be text (or a list of text parts), got {type(content).__name__}; "
+                    "images and other parts are not trained on")
 
 
 def _preference_answer(row: Row, field: str) -> str:
@@ -308,12 +332,18 @@ def normalise(row: Row, fmt: str) -> dict[str, Any]:
 def _normalised(row: Row, fmt: str) -> dict[str, Any]:
     values = row.values
     if fmt == "text":
-        return {"kind": "text", "text": str(_need(row, "text"))}
+        text = _need(row, "text")
+        if not isinstance(text, (str, int, float)):
+            raise DataError(f"{row.where}: `text` must be a string, got {type(text).__name__}; put the document's text there")
+        return {"kind": "text", "text": str(text)}
     if fmt == "chat":
         field = next(f for f in ("messages", "conversations", "dialog") if f in values)
         messages = _messages(row, field)
         _check_alternation(row, messages, need_answer=True)
-        return {"kind": "chat", "messages": messages}
+        record = {"kind": "chat", "messages": messages}
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+            record.update(drop="every answer is empty", where=row.where)  # counted and reported, as empty pairs are
+        return record
     if fmt == "instruction":
         messages = _instruction_messages(row)
         answer_field = next((f for f in ("output", "response", "completion") if f in values), "output")

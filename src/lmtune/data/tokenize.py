@@ -54,6 +54,9 @@ def fit_length(
         keep_bos = bos_id is not None and ids[:1] == [bos_id]
         room = max_len - (1 if keep_bos else 0)
         answer = _last_answer_start(labels)
+        if answer is not None and len(ids) - answer == room and any(label == IGNORE for label in labels[1:answer]):
+            # The answer would fill the whole row: trained without any of the prompt it answers.
+            return None, None, "dropped: no room for the prompt beside the answer in max_input_length"
         if answer is not None and len(ids) - answer <= room:
             head_ids, head_labels = ([bos_id], [IGNORE]) if keep_bos else ([], [])
             return head_ids + ids[-room:], head_labels + labels[-room:], "truncated"
@@ -83,6 +86,9 @@ def tokenize_sequences(
             if record.get("columns"):
                 example["columns"] = list(json.dumps(record["columns"]).encode())
             examples.append(example)
+            continue
+        if record.get("drop"):
+            outcomes[f"dropped: {record['drop']}"] += 1
             continue
         ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
         outcomes[outcome] += 1

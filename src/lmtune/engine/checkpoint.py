@@ -2,12 +2,14 @@
 
 A checkpoint folder holds the trainable weights (safetensors), the optimizer
 and scheduler state, the RNG states and the loop's position. It is written to
-a hidden folder and renamed into place, so the newest complete checkpoint is
-always a good one.
+a hidden folder and renamed into place, and it records the checksums of its
+files last: a resume verifies them and falls back to the newest checkpoint
+that verifies, so a cut, emptied or bit-flipped file is never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -22,6 +24,8 @@ from ..errors import UserError
 from ..staged_folder import staged_folder
 
 PREFIX = "checkpoint-"
+CHECKSUMS = "checksums.json"
+FILES = ("trainable.safetensors", "training_state.pt", "state.json")
 
 
 class CheckpointError(UserError, ValueError):
@@ -64,26 +68,76 @@ def save(
     scaler: Optional[Any] = None,
 ) -> Path:
     """`weights`: the trainable tensors by name; `optimizer_state`: keyed by parameter name (engine/distributed.py
-    gathers both whole, so the checkpoint is the same for any process count)."""
+    gathers both whole, so the checkpoint is the same for any process count). A failed write (a full disk,
+    permissions) is one line naming the path and the free space; the earlier checkpoints stay as they were."""
     target = folder / f"{PREFIX}{step}"
-    with staged_folder(target) as staging:
-        save_file(weights, staging / "trainable.safetensors")
-        torch.save(
-            {
+    try:
+        with staged_folder(target) as staging:
+            save_file(weights, staging / "trainable.safetensors")
+            training_state = {
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(),
-            },
-            staging / "training_state.pt",
-        )
-        (staging / "state.json").write_text(json.dumps(loop_state, indent=2))
+            }
+            torch.save(training_state, staging / "training_state.pt")
+            (staging / "state.json").write_text(json.dumps(loop_state, indent=2))
+            (staging / CHECKSUMS).write_text(json.dumps({name: digest(staging / name) for name in FILES}, indent=2))
+    except Exception as exc:  # OSError, or safetensors' and torch's own errors for a full disk
+        raise CheckpointError(write_failure("checkpoint", target, exc) + "; the earlier checkpoints are kept") from None
     return target
 
 
+def write_failure(what: str, path: Path, exc: BaseException) -> str:
+    """One line for a write that failed: the path, the cause and the free space where it was written."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        room = f"{free / 2**20:,.1f} MiB free there"
+        if free < 2**20 or "No space" in str(exc) or "unexpected pos" in str(exc):
+            text = "the disk is full" if "No space" in str(exc) or free < 2**20 else f"{text} (is the disk full?)"
+    except OSError:
+        room = "free space unknown"
+    return f"{what}: could not write {path}: {text} ({room}); free some space or set output_dir to another disk"
+
+
+def digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damage(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` cannot be trusted (a missing, cut or changed file), or None when it verifies."""
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return "it has no checksums (it was never completed)"
+    except (OSError, ValueError):
+        return f"its {CHECKSUMS} is damaged"
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if digest(file) != recorded.get(name):
+            return f"{name} does not match its checksum (cut or changed after it was written)"
+    return None
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob(f"{PREFIX}*") if (p / "state.json").exists()]
+    """Checkpoint folders that were completed (they hold their checksums), oldest first; not yet verified."""
+    found = [p for p in folder.glob(f"{PREFIX}*") if p.name.removeprefix(PREFIX).isdigit() and (p / CHECKSUMS).exists()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def remove_orphans(folder: Path) -> int:
+    """Hidden staging folders that a kill left mid-write; their checkpoints were never complete."""
+    orphans = [p for p in folder.glob(f".{PREFIX}*") if p.is_dir()] if folder.is_dir() else []
+    for path in orphans:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(orphans)
 
 
 def latest(folder: Path) -> Optional[Path]:

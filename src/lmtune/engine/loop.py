@@ -32,6 +32,7 @@ from .run import (  # noqa: F401  (TrainingError, eval_every: the names tests an
     Run,
     RunResult,
     TrainingError,
+    closed_after,
     eval_every,
     save_final,
 )
@@ -76,11 +77,12 @@ def train(
 ) -> RunResult:
     """Run one training; `on_step` is called after every optimizer step (benchmarks, integrations)."""
     stage = stage_of(config)
-    if stage.recipe is not None:
-        module, _, function = stage.recipe.partition(":")
-        recipe = getattr(importlib.import_module(module), function)
-        return recipe(config, config_dir, resume=resume, quiet=quiet, on_step=on_step)
-    return SharedLoop(config, stage, config_dir, resume, quiet, on_step).train()
+    with closed_after():
+        if stage.recipe is not None:
+            module, _, function = stage.recipe.partition(":")
+            recipe = getattr(importlib.import_module(module), function)
+            return recipe(config, config_dir, resume=resume, quiet=quiet, on_step=on_step)
+        return SharedLoop(config, stage, config_dir, resume, quiet, on_step).train()
 
 
 class SharedLoop:
@@ -222,6 +224,7 @@ class SharedLoop:
                     break
                 if o.save_steps and state.global_step % o.save_steps == 0:
                     run.save_checkpoint()
+                run.end_of_step(self.total_steps)
             if state.stopped_early or state.micro_in_epoch < len(self.train_batches):
                 break  # stopped early, or max_steps ended the run inside this epoch
             state.epoch += 1

@@ -16,6 +16,8 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +27,11 @@ import torch
 
 from ..config.schema import Config
 from ..errors import UserError
+from ..staged_folder import staged_folder
 from . import checkpoint, distributed
+from .lock import FolderLock, RunLocked
+from .preemption import CONTINUE, Stopped, StopSignals
+from .resume import resume_problem
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from ..stages import stage_of
 from .report import MetricsLog, plot_loss, read_metrics
@@ -33,6 +39,10 @@ from .report import MetricsLog, plot_loss, read_metrics
 
 class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message says why and what to change."""
+
+
+DIVERGENCE_PATIENCE = 5  # steps in a row with zero, or exploding, gradients before a run is stopped
+EXPLOSION = 1000.0  # how far above the first steps' median norm a norm counts as exploding
 
 
 @dataclass
@@ -48,6 +58,7 @@ class LoopState:
     trained_tokens: int = 0
     real_tokens: int = 0  # non-padding positions computed (prompts included)
     stopped_early: bool = False
+    reference_grad_norm: Optional[float] = None  # the median of the first steps' norms, against which an explosion is seen
 
 
 @dataclass
@@ -172,17 +183,29 @@ class Run:
         self.state = state if state is not None else LoopState()
         self.log: Optional[MetricsLog] = None
         self.bar: Any = None
+        self.lock = FolderLock(self.dir)
+        self.signals = StopSignals()
+        OPEN.append(self)
+        self._norms: list[float] = []  # the norms of the current run of suspicious steps (zero, or exploding)
+        self._first_norms: list[float] = []
+        self._stop_agreed = False
+        self.resume_path: Optional[Path] = None
         self._open_folder()
 
     # -- the folder, messages and timing --------------------------------------
 
     def _open_folder(self) -> None:
         o = self.config.output
-        if self.resume_from is None and (self.dir / "metrics.jsonl").exists() and not o.overwrite_output_dir:
-            raise TrainingError(
-                f"output_dir: {self.dir} already holds a run; pass --resume to continue it, "
-                "set overwrite_output_dir: true to start over, or choose another folder"
-            )
+        if self.main:
+            try:
+                self.lock.acquire()  # first: a live run's folder is not read, judged or cleaned by a second one
+            except RunLocked as exc:
+                raise TrainingError(str(exc)) from None
+        try:
+            self._check_folder()
+        except BaseException:
+            self.lock.release()
+            raise
         if not self.main:
             return
         if self.resume_from is None and self.dir.exists() and o.overwrite_output_dir:
@@ -191,10 +214,31 @@ class Run:
                 (self.dir / stale).unlink(missing_ok=True)
             for stale in ("checkpoints", "final", "plots", "tensorboard"):
                 shutil.rmtree(self.dir / stale, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        removed = checkpoint.remove_orphans(self.checkpoints) + sum(
+            shutil.rmtree(p, ignore_errors=True) is None for p in self.dir.glob(".final-*") if p.is_dir()
+        )
+        if removed:
+            self.say(f"note: removed {removed} half-written folder(s) that an interrupted run left")
         import yaml
 
         (self.dir / "config.resolved.yaml").write_text(yaml.safe_dump(self.config.flat(), sort_keys=False))
+
+    def _check_folder(self) -> None:
+        """A new run does not write over an old one; a resume continues the run its folder holds, unchanged."""
+        o = self.config.output
+        if self.resume_from is None and (self.dir / "metrics.jsonl").exists() and not o.overwrite_output_dir:
+            interrupted_early = not checkpoint.complete_checkpoints(self.checkpoints) and not (self.dir / "final").exists()
+            how = "it stopped before its first checkpoint, so there is nothing to resume; " if interrupted_early else "pass --resume to continue it, "
+            raise TrainingError(
+                f"output_dir: {self.dir} already holds a run; {how}"
+                "set overwrite_output_dir: true to start over, or choose another folder"
+            )
+        if self.resume_from is not None:
+            # Before any data or weights load: a resume that has nothing to resume from says so now.
+            self.resume_path = self._checkpoint_to_resume()
+            problem = resume_problem(self.config, self.dir / "config.resolved.yaml", self.resume_path) if self.main else None
+            if problem:
+                raise TrainingError(problem)
 
     def say(self, line: str) -> None:
         if not self.quiet and self.main:
@@ -276,9 +320,11 @@ class Run:
         """Around a micro batch's backward: FSDP2 exchanges gradients only on the step's last one."""
         return distributed.gradient_sync(self.model, sync=last)
 
-    def optimizer_step(self, summed_loss: torch.Tensor, count: int, metrics: list[torch.Tensor] = ()) -> tuple[float, float, list[float]]:
+    def optimizer_step(self, summed_loss: torch.Tensor, count: int, metrics: list[torch.Tensor] = (),
+                       expect_gradient: bool = True) -> tuple[float, float, list[float]]:
         """Clip, check for divergence, step. `summed_loss` is this update's loss summed over its `count`
-        units; returns (that sum, the gradient norm before clipping, the metrics), as floats."""
+        units; returns (that sum, the gradient norm before clipping, the metrics), as floats.
+        `expect_gradient`: False for a loss whose gradient may rightly be zero for steps on end."""
         t, model, accelerator = self.config.training, self.model, self.accelerator
         if self.world > 1 and not self.sharded:
             distributed.average_gradients(model, self.world)
@@ -287,25 +333,57 @@ class Run:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         grad_norm = distributed.as_local(grad_norm).to(summed_loss.device)  # the whole norm, also under FSDP2
+        stop = float(self.signals.received is not None)
         sums = torch.stack([summed_loss.double(), *(m.double() for m in metrics)])
-        if self.world > 1:  # every process's share of the loss and metrics; the norm is already global
-            sums = accelerator.reduce(sums, "sum")
-        # One device-to-host transfer per optimizer step, for the divergence check and the log.
+        if self.world > 1:  # every process's share of the loss and metrics (and its stop signal); the norm is already global
+            sums = accelerator.reduce(torch.cat([sums, sums.new_tensor([stop])]), "sum")
+        # One device-to-host transfer per optimizer step, for the divergence check, the stop signal and the log.
         summed, norm, *values = torch.cat([sums[:1], grad_norm.double().reshape(1), sums[1:]]).tolist()
+        if self.world > 1:
+            self._stop_agreed = self._stop_agreed or values.pop() > 0
         loss = summed / max(count, 1)
-        # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
-        # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
-        scaled = accelerator.scaler is not None
-        if not math.isfinite(loss) or (not scaled and not math.isfinite(norm)):
+        problem = self._divergence(loss, norm, expect_gradient)
+        if problem:
             if self.bar is not None:
                 self.bar.close()
             if self.log is not None:
                 self.log.close()
-            raise TrainingError(diverged_message(self.config, loss, self.state.global_step + 1, self.checkpoints))
+            raise TrainingError(problem)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return summed, norm, values
+
+    def _divergence(self, loss: float, norm: float, expect_gradient: bool) -> Optional[str]:
+        """Why the run cannot go on: a non-finite loss or gradient, or (with stop_on_divergence) gradients
+        that stayed exactly zero, or norms that stayed far above the run's first ones, for several steps."""
+        step = self.state.global_step + 1
+        # With fp16 loss scaling an inf gradient is routine: the scaler skips that step and
+        # lowers the scale. Elsewhere a non-finite gradient means the run has diverged.
+        scaled = self.accelerator.scaler is not None
+        if not math.isfinite(loss) or (not scaled and not math.isfinite(norm)):
+            return diverged_message(self.config, loss, step, self.checkpoints)
+        if not self.config.training.stop_on_divergence or not math.isfinite(norm):
+            return None
+        state, patience = self.state, DIVERGENCE_PATIENCE
+        if state.reference_grad_norm is None and norm > 0:
+            self._first_norms.append(norm)
+            if len(self._first_norms) == patience:
+                state.reference_grad_norm = float(np.median(self._first_norms))
+        zero = norm == 0.0 and expect_gradient
+        exploding = state.reference_grad_norm is not None and norm > EXPLOSION * state.reference_grad_norm
+        self._norms = [*self._norms, norm] if zero or exploding else []
+        if len(self._norms) < patience:
+            return None
+        good = checkpoint.latest(self.checkpoints)
+        kept = f"The last good checkpoint is {good}." if good else "No checkpoint was saved before it."
+        lr = f"learning_rate {self.config.training.learning_rate:g} is likely too high"
+        if zero:
+            what = f"the gradients have been exactly zero for {patience} steps (loss {loss:.4f}): the model has collapsed"
+        else:
+            what = (f"the gradient norm has stayed above {EXPLOSION:g}x the run's first norms ({state.reference_grad_norm:.3g}) "
+                    f"for {patience} steps (now {norm:.3g}): the run is diverging")
+        return f"step {step}: {what}; {lr}. {kept} (stop_on_divergence: false lets it go on)"
 
     @property
     def learning_rate(self) -> float:
@@ -313,16 +391,39 @@ class Run:
 
     # -- checkpoints ------------------------------------------------------------
 
+    def _checkpoint_to_resume(self) -> Path:
+        """The checkpoint a resume loads: the one named, or the newest whose files match their checksums.
+        The ones skipped are named with the reason; none at all is one line that says how to start over."""
+        restart = (f"start over with --set overwrite_output_dir=true (without --resume), or choose another output_dir")
+        if self.resume_from != "latest":
+            path = Path(self.resume_from)
+            why = checkpoint.damage(path) if path.is_dir() else "no such folder"
+            if why:
+                raise TrainingError(f"resume_from_checkpoint: {path} cannot be resumed: {why}")
+            return path
+        found = checkpoint.complete_checkpoints(self.checkpoints)
+        for path in reversed(found):
+            why = checkpoint.damage(path)
+            if why is None:
+                return path
+            self.note(f"{path.name} skipped: {why}; resuming from an earlier checkpoint", "resume")
+        if found:
+            raise TrainingError(f"resume: no checkpoint in {self.checkpoints} is intact (each was skipped, see above); {restart}")
+        raise TrainingError(f"resume: {self.dir} holds no checkpoint (the run stopped before its first one); {restart}")
+
     def resume_or_start(self) -> None:
-        """Load the checkpoint to resume from (weights, optimizer, schedule, RNG, loop state), or start a fresh log."""
-        if self.resume_from:
-            path = checkpoint.latest(self.checkpoints) if self.resume_from == "latest" else Path(self.resume_from)
-            if path is None or not (path / "state.json").exists():
-                shown = self.resume_from if path is None else path
-                raise TrainingError(f"resume_from_checkpoint: no complete checkpoint at {shown}")
-            saved = checkpoint.load(
-                path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, scaler=self.accelerator.scaler
-            )
+        """Load the checkpoint to resume from (weights, optimizer, schedule, RNG, loop state), or start a fresh log.
+        From here on SIGTERM and SIGINT finish the step in progress and save a checkpoint (see `end_of_step`)."""
+        if self.resume_path is not None:
+            path = self.resume_path
+            try:
+                saved = checkpoint.load(
+                    path, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, scaler=self.accelerator.scaler
+                )
+            except UserError:
+                raise
+            except Exception as exc:  # it verified, so the files are as written: they were written by another model or version
+                raise TrainingError(f"resume: {path} does not fit this run ({str(exc).splitlines()[0][:200]})") from None
             self.accelerator.wait_for_everyone()  # no process rewrites metrics.jsonl while another still reads the checkpoint
             self.state = type(self.state)(**saved)
             if self.main:  # what the interrupted run logged after this checkpoint is logged again now
@@ -331,9 +432,34 @@ class Run:
             self.say(f"resumed from {path} at step {self.state.global_step}")
         elif self.main:
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        self.log = MetricsLog(self.dir, self.config, enabled=self.main, resumed=bool(self.resume_from))
+        self.log = MetricsLog(self.dir, self.config, enabled=self.main, resumed=self.resume_path is not None)
         for note in self.log.notes:
             self.note(note)
+        self.signals.install()
+
+    def end_of_step(self, total_steps: int) -> None:
+        """After each optimizer step (each iteration, for the stages that roll out): when a stop signal came,
+        save a checkpoint and stop with the line that says how to go on. Every process stops at the same step."""
+        stop = self._stop_agreed if self.world > 1 else self.signals.received is not None
+        if not stop:
+            return
+        name = self.signals.name or "a stop signal"
+        step = self.state.global_step
+        if self.bar is not None:
+            self.bar.close()
+        saved = self.save_checkpoint()
+        if self.log is not None:
+            self.log.close()
+        self.close()
+        raise Stopped(
+            f"stopped by {name} at step {step} of {total_steps}; checkpoint saved: {saved}{CONTINUE}",
+            self.signals.exit_code,
+        )
+
+    def close(self) -> None:
+        """The run's hold on its folder and signals; safe to call more than once."""
+        self.signals.uninstall()
+        self.lock.release()
 
     def save_checkpoint(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -367,8 +493,13 @@ class Run:
         self.accelerator.wait_for_everyone()
         # A sharded model is gathered whole (every process joins) and written by the main process.
         state = distributed.full_model_state(self.model) if self.sharded else None
+        self.signals.uninstall()  # the run is trained: a signal now ends it as the default does
         if self.main:
-            save(final_dir, state)
+            try:  # written aside and renamed: never a half-written final/
+                with staged_folder(final_dir) as staging:
+                    save(staging, state)
+            except Exception as exc:
+                raise TrainingError(checkpoint.write_failure("final", final_dir, exc) + "; the checkpoints are kept") from None
         self.accelerator.wait_for_everyone()
         if self.log is not None:
             self.log.close(final_dir)
@@ -393,7 +524,24 @@ class Run:
             (self.dir / "summary.json").write_text(
                 json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2)
             )
+        self.close()
         return result
+
+
+OPEN: list[Run] = []  # runs of this process not yet closed
+
+
+@contextmanager
+def closed_after() -> Iterator[None]:
+    """Every run opened inside lets go of its folder lock and signal handlers at the end, however it ends
+    (an error, or an exception from a callback), so that the same process can run or resume again."""
+    before = len(OPEN)
+    try:
+        yield
+    finally:
+        for run in OPEN[before:]:
+            run.close()
+        del OPEN[before:]
 
 
 def eval_every(config: Config, steps_per_epoch: int, has_val: bool) -> tuple[Optional[int], bool]:

@@ -218,7 +218,8 @@ class GRPORecipe:
             kl = (terms.kl * mask).sum() if terms.kl is not None else mask.new_zeros(())
             sums += torch.stack([loss.detach(), kl.detach(), (terms.clipped_low * mask).sum(), (terms.clipped_high * mask).sum(),
                                  mask.sum()]).double()
-        summed, norm, (kl, low, high, tokens) = self.run.optimizer_step(sums[0], 1, list(sums[1:]))
+        # Zero gradients are routine here (every answer of every group rewarded alike), not a collapse.
+        summed, norm, (kl, low, high, tokens) = self.run.optimizer_step(sums[0], 1, list(sums[1:]), expect_gradient=False)
         out = {"loss": summed, "grad_norm": norm, "clip_ratio/low": low / max(tokens, 1), "clip_ratio/high": high / max(tokens, 1)}
         if self.reference is not None:
             out["kl"] = kl / max(tokens, 1)
@@ -286,6 +287,7 @@ class GRPORecipe:
                 last_eval_step = state.global_step
             if o.save_steps and state.global_step % o.save_steps == 0 and state.global_step < self.steps:
                 run.save_checkpoint()
+            run.end_of_step(self.steps)
         bar.close()
         if evaluating and last_eval_step != state.global_step:
             run.log.write({"step": state.global_step, "epoch": state.epoch, **self.evaluate()})

@@ -230,6 +230,7 @@ class PPORecipe:
                 run.log.write({"epoch": record["epoch"], **last_eval})
             if o.save_steps and state.global_step % o.save_steps == 0 and state.global_step < self.iterations:
                 run.save_checkpoint()
+            run.end_of_step(self.iterations)
         bar.close()
         if evaluating and last_eval.get("step") != state.global_step:
             run.log.write({"epoch": state.epoch, "step": state.global_step, **self.evaluate()})
