@@ -401,3 +401,25 @@ def test_a_dead_or_hung_rank_is_named_by_the_launcher(tmp_path, how):
     else:
         assert "stopped answering" in errors[-1] and took >= 20  # ddp_timeout bounds the wait
     assert "; its last lines:" in errors[-1]
+
+
+def test_sigterm_to_a_launch_stops_every_process_at_one_step_and_it_resumes(tmp_path):
+    settings = dict(method="lora", max_steps=60, micro_batch_size=2, lr_scheduler="cosine")
+    straight = make_config(tmp_path, name="straight", **settings)
+    done = subprocess.run(command(straight, "--nproc", "2"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = make_config(tmp_path, name="stopped", **settings)
+    launcher = subprocess.Popen(command(config, "--nproc", "2"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    assert wait_for(lambda: logged_steps(tmp_path / "stopped") >= 3)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert launcher.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and "stopped by SIGTERM at step" in errors[0], err[-3000:]
+    assert f"continue with: lmtune train {config} --nproc 2 --resume" in errors[0]
+    assert newest_intact(tmp_path / "stopped") is not None
+    resumed = subprocess.run(command(config, "--nproc", "2", "--resume"), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(tmp_path / "straight" / "final", tmp_path / "stopped" / "final")
+    assert curve(tmp_path / "straight") == curve(tmp_path / "stopped")

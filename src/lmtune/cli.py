@@ -260,7 +260,10 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, Path(args.config).resolve().parent, resume=args.resume)
     except Stopped as exc:
-        again = " ".join(["lmtune train", args.config, *(f"--set {item}" for item in args.set or []), "--resume"])
+        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        spread = [f"--nproc {local}"] if world > 1 else []
+        spread += [f"--nnodes {world // local}"] if world > local else []
+        again = " ".join(["lmtune train", args.config, *(f"--set {item}" for item in args.set or []), *spread, "--resume"])
         raise Stopped(f"{str(exc).removesuffix(CONTINUE)}; continue with: {again}", exc.exit_code) from None
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports for all
@@ -565,7 +568,8 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         close_progress_bars()  # the error starts a line of its own, not the end of a bar's
-        print(f"error: {exc}", file=sys.stderr)
+        if not (launched() and os.environ.get(FAILURES)):  # under lmtune's own launcher, it prints the line once for all
+            print(f"error: {exc}", file=sys.stderr)
         record_failure(str(exc))
         return getattr(exc, "exit_code", 1)
     except Exception as exc:  # a bug: the traceback stays; a launch still names the process that failed

@@ -67,8 +67,9 @@ class StopSignals:
         now = time.monotonic()
         if self.received is None:
             self.received, self._at = number, now
-            print(f"\n{signal.Signals(number).name}: finishing this step and saving a checkpoint "
-                  "(signal again to stop at once, without saving)", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # every process gets the signal; one says so
+                print(f"\n{signal.Signals(number).name}: finishing this step and saving a checkpoint "
+                      "(signal again to stop at once, without saving)", file=sys.stderr, flush=True)
             return
         if now - self._at < SAME_REQUEST_S:
             return
