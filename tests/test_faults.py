@@ -423,3 +423,73 @@ def test_sigterm_to_a_launch_stops_every_process_at_one_step_and_it_resumes(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(tmp_path / "straight" / "final", tmp_path / "stopped" / "final")
     assert curve(tmp_path / "straight") == curve(tmp_path / "stopped")
+
+
+def test_a_template_that_leaves_no_room_is_refused_before_tokenising(tokenizer):
+    from lmtune.data.pipeline import leaves_room
+    from lmtune.data.records import DataError
+    from lmtune.data.templates import pick_renderer
+
+    renderer = pick_renderer(tokenizer, "chatml", False, False)
+    records = [{"kind": "chat", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    with pytest.raises(DataError, match=r"max_input_length: 18 tokens leave no room.*template alone takes \d+ tokens"):
+        leaves_room(records, renderer, tokenizer, 18)
+    leaves_room(records, renderer, tokenizer, 64)
+
+
+def test_byte_order_marks_and_text_parts_are_read(tmp_path):
+    from lmtune.data.records import normalise, read_rows
+
+    (tmp_path / "excel.csv").write_text("instruction,output\nq,a\n", encoding="utf-8-sig")
+    (tmp_path / "notepad.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n", encoding="utf-8-sig")
+    for name in ("excel.csv", "notepad.jsonl"):
+        assert [row.values for row in read_rows(str(tmp_path / name))] == [{"instruction": "q", "output": "a"}]
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": "yes"}]}
+    from lmtune.data.records import Row
+
+    assert normalise(Row(parts, "x line 1"), "chat")["messages"][0]["content"] == "hi there"
+
+
+@pytest.mark.parametrize("value", ['["jsonl","stdout"]', "['jsonl', 'stdout']", "jsonl,stdout"])
+def test_sagemaker_list_hyperparameters_in_every_shape(value):
+    from lmtune.config.load import resolve
+
+    resolved = resolve(data={"base_model": "builtin:tiny", "report_to": value})
+    assert not resolved.errors and resolved.config.output.report_to == ["jsonl", "stdout"]
+
+
+def test_an_empty_override_is_named(tmp_path, capsys):
+    config = make_config(tmp_path)
+    assert main(["check", str(config), "--set", "lora_target="]) == 1
+    assert "error: lora_target: `--set lora_target=` gives no value" in capsys.readouterr().out
+
+
+def test_a_hundred_thousand_deep_row_is_one_line(tmp_path, capsys):
+    data = tmp_path / "deep.jsonl"
+    data.write_text('{"instruction": ' + "[" * 100_000 + "]" * 100_000 + ', "output": "x"}\n')
+    config = make_config(tmp_path)
+    assert main(["check", str(config), "--set", f"dataset={data}"]) == 1
+    out = capsys.readouterr().out
+    assert "deep.jsonl line 1: nested deeper than any dataset row needs" in out and "Traceback" not in out
+
+
+def test_a_lock_from_a_host_that_is_gone_is_taken_over(tmp_path, monkeypatch):
+    from lmtune.engine import lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / lock.NAME).write_text(json.dumps({"host": "other-host", "pid": 1, "started": "then"}))
+    with pytest.raises(lock.RunLocked, match=r"pid 1 on other-host.*taken over 5 minutes after its last sign of life"):
+        lock.FolderLock(folder).acquire()
+    held = lock.FolderLock(folder, sole_writer=True)  # a SageMaker job restored its folder with the old instance's lock
+    held.acquire()
+    held.release()
+    (folder / lock.NAME).write_text(json.dumps({"host": "other-host", "pid": 1, "started": "then"}))
+    old = time.time() - lock.GONE_AFTER_S - 60
+    os.utime(folder / lock.NAME, (old, old))
+    taken = lock.FolderLock(folder)
+    taken.acquire()
+    assert lock.holder(folder)["pid"] == os.getpid()
+    taken.release()
+    assert lock.holder(folder) == {"released": True}

@@ -207,6 +207,7 @@ def the_stage_rules(r: "Resolved") -> list[Problem]:
     return out
 
 
+MIN_CHAT_LENGTH = 16  # below any chat template's frame around one exchange
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -254,6 +255,13 @@ def data_settings(r: "Resolved") -> list[Problem]:
             elif not candidate.exists() and not HUB_ID.fullmatch(where):
                 out.append(Problem("error", key, f"{where!r} is neither a file or folder here nor a hub dataset id "
                                                  "(`owner/name`); check the value"))
+    from ..stages import stage_of
+
+    chat = bool(stage_of(r.config).reads - {"text"})
+    if chat and 0 < d.max_input_length < MIN_CHAT_LENGTH and d.truncation != "drop":
+        out.append(Problem("error", "max_input_length", f"{d.max_input_length} tokens leave no room for the data: chat "
+                           f"templates alone take 10 to 40 tokens around each exchange, so prompts would be cut away; "
+                           "use at least 64 (rows are usually hundreds of tokens)"))
     if d.max_train_samples == 0:
         out.append(Problem("error", "max_train_samples", "0 leaves nothing to train on; use -1 for every row, or a count above 0"))
     if d.max_val_samples == 0:

@@ -60,8 +60,10 @@ def alive(found: dict[str, Any], folder: Path) -> bool:
 class FolderLock:
     """Held from the start of a run to its end (or the process's)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, sole_writer: bool = False):
+        """`sole_writer`: nothing else can write this folder (a SageMaker job's checkpoint folder, which the job
+        restores from S3 with the lock of the instance it ran on before), so another host's record is stale."""
+        self.folder, self.sole_writer = folder, sole_writer
         self._fd: Optional[int] = None
         self._stop = threading.Event()
 
@@ -79,7 +81,7 @@ class FolderLock:
         found = holder(self.folder)
         # The flock is ours, so no live process on this host holds the folder; one on another host may (flock is
         # not shared over every network file system), and its record then still names it.
-        if found and found.get("host") != socket.gethostname() and alive(found, self.folder):
+        if found and not self.sole_writer and found.get("host") != socket.gethostname() and alive(found, self.folder):
             os.close(fd)
             raise RunLocked(self._refusal(found, remote=True))
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -183,7 +183,7 @@ class Run:
         self.state = state if state is not None else LoopState()
         self.log: Optional[MetricsLog] = None
         self.bar: Any = None
-        self.lock = FolderLock(self.dir)
+        self.lock = FolderLock(self.dir, sole_writer=in_sagemaker_job())
         self.signals = StopSignals()
         OPEN.append(self)
         self._norms: list[float] = []  # the norms of the current run of suspicious steps (zero, or exploding)
