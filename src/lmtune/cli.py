@@ -216,6 +216,10 @@ def run_explain(args: argparse.Namespace) -> int:
         return 1 if errors else 0
     try:
         print(docs.explain_key(args.target))
+        from .config.aliases import UNSUPPORTED
+
+        if args.target in UNSUPPORTED:
+            return 1  # explained, but a config with it fails `check`: scripts asking `explain` learn that too
     except KeyError:
         from .config.load import _suggest
 
@@ -270,7 +274,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .stages import stage_of
 
     unit = {"tokens": "trained tokens"}.get(stage_of(config).unit, stage_of(config).unit)
-    print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} {unit}/s)")
+    inside = f"; {result.step_speed:.0f}/s in the steps, as the bar shows" if result.step_speed else ""
+    print(f"done: {result.steps} steps in {result.seconds:.1f}s ({result.tokens_per_second:.0f} {unit}/s from start to end{inside})")
     if result.train_loss is not None:
         print(f"  last train loss {result.train_loss:.4f}" + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.best_checkpoint:

@@ -93,7 +93,7 @@ def explain_key(name: str) -> str:
         if name in aliases.IGNORED:
             return f"{name}: another tool's setting that lmtune ignores: {aliases.IGNORED[name]}."
         if name in aliases.UNSUPPORTED:
-            return f"{name}: not supported: {aliases.UNSUPPORTED[name]}."
+            return f"{name}: a setting of another tool, and {aliases.UNSUPPORTED[name]}."
         raise KeyError(name)
     info = field_info(key)
     extra = info.json_schema_extra or {}

@@ -255,7 +255,7 @@ class _Assignments:
                 self.problems.append(Problem("warning", name, f"ignored: {aliases.IGNORED[name]}"))
         elif name in aliases.UNSUPPORTED:
             if value not in (None, "", False, [], {}):
-                self.problems.append(Problem("error", name, f"not supported: {aliases.UNSUPPORTED[name]}"))
+                self.problems.append(Problem("error", name, aliases.UNSUPPORTED[name]))
         else:
             self.problems.append(Problem("error", name, f"unknown setting; {_suggest(name)}"))
 

@@ -112,6 +112,7 @@ class SharedLoop:
         self.state = run.state
         self.last_eval: dict[str, Any] = {}
         self.spare: Optional[dict[str, torch.Tensor]] = None  # a batch for the passes a process runs with weight 0
+        self.shown: dict[str, str] = {}  # what the progress bar shows after the bar: loss, lr, speed, last eval loss
 
     def _model_and_batches(self, data: Any) -> torch.nn.Module:
         """The model with the stage's head and the method applied, and the micro batches laid out for it."""
@@ -197,7 +198,8 @@ class SharedLoop:
             state.best_checkpoint = str(run.save_checkpoint())
         else:
             state.evals_without_gain += 1
-        run.bar.set_postfix_str(f"eval {metrics['eval_loss']:.4f}", refresh=False)
+        self.shown["eval"] = f"{metrics['eval_loss']:.4f}"  # beside the training loss, not in its place
+        run.bar.set_postfix(self.shown, refresh=False)
         patience = t.early_stopping_patience
         return patience is not None and state.evals_without_gain >= patience
 
@@ -209,9 +211,10 @@ class SharedLoop:
         while state.global_step < self.total_steps and not state.stopped_early:
             micro = self.train_batches.epoch(state.epoch, skip=state.micro_in_epoch, rank=self.rank, ranks=self.world)
             while state.global_step < self.total_steps and state.micro_in_epoch < len(self.train_batches):
+                began = time.perf_counter()
                 summed, norm, units, metrics = self.step(micro)
                 last_loss = summed / max(units, 1)
-                window.add(summed, units, metrics)
+                window.add(summed, units, metrics, time.perf_counter() - began)
                 bar.update(1)
                 if "first step" not in run.startup:
                     run.phase("first step")
@@ -234,7 +237,7 @@ class SharedLoop:
             if not o.save_steps and state.global_step < self.total_steps and not state.stopped_early:
                 run.save_checkpoint()  # at the run's end final/ is written instead; nothing is left to resume
         bar.close()
-        return self._finish(last_loss)
+        return self._finish(last_loss, window.total_units / max(window.total_seconds, 1e-9))
 
     def _log(self, window: "Window", norm: float) -> None:
         state, run = self.state, self.run
@@ -245,9 +248,10 @@ class SharedLoop:
         }
         run.log.write(record)
         unit = self.stage.unit
-        run.bar.set_postfix({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", f"{unit}/s": f"{record[f'{unit}_per_second']:.0f}"})
+        self.shown.update({"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", f"{unit}/s": f"{record[f'{unit}_per_second']:.0f}"})
+        run.bar.set_postfix(self.shown)
 
-    def _finish(self, last_loss: Optional[float]) -> RunResult:
+    def _finish(self, last_loss: Optional[float], step_speed: float) -> RunResult:
         state, run = self.state, self.run
         final_eval: dict[str, Any] = {}
         if self.eval_batches is not None:
@@ -263,6 +267,7 @@ class SharedLoop:
             train_loss=last_loss,
             eval_loss=final_eval.get("eval_loss"),
             counted=state.trained_tokens,
+            step_speed=step_speed,
         )
 
 
@@ -271,26 +276,29 @@ class Window:
 
     def __init__(self, unit: str):
         self.unit = unit
+        self.total_seconds, self.total_units = 0.0, 0  # in the steps of this process's run (for the summary's speed)
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.units, self.metrics = 0.0, 0, {}
-        self.started = time.perf_counter()
+        self.loss, self.units, self.metrics, self.seconds = 0.0, 0, {}, 0.0
 
-    def add(self, summed: float, units: int, metrics: dict[str, float]) -> None:
+    def add(self, summed: float, units: int, metrics: dict[str, float], seconds: float) -> None:
         self.loss += summed
         self.units += units
+        self.seconds += seconds
+        self.total_seconds += seconds
+        self.total_units += units
         for name, value in metrics.items():
             self.metrics[name] = self.metrics.get(name, 0.0) + value
 
     def record(self, objective: Objective, lr: float, norm: float) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.started
         count = max(self.units, 1)
         out = {
             "loss": self.loss / count,
             "lr": lr,
             "grad_norm": norm,
-            f"{self.unit}_per_second": self.units / max(elapsed, 1e-9),
+            # over the window's steps only: an evaluation or a checkpoint between them is not training speed
+            f"{self.unit}_per_second": self.units / max(self.seconds, 1e-9),
             **objective.summarise({name: value / count for name, value in self.metrics.items()}),
         }
         self._reset()

@@ -73,6 +73,7 @@ class RunResult:
     tokens_per_second: float
     notes: list[str]
     startup: dict[str, float]  # seconds of each phase from train() to the end of the first step
+    step_speed: Optional[float] = None  # what the stage counts per second inside its steps (no start-up, evaluation, saving)
 
 
 def seed_everything(seed: int) -> None:
@@ -484,9 +485,11 @@ class Run:
 
     # -- the end ----------------------------------------------------------------
 
-    def finish(self, save: Any, train_loss: Optional[float], eval_loss: Optional[float], counted: int) -> RunResult:
+    def finish(self, save: Any, train_loss: Optional[float], eval_loss: Optional[float], counted: int,
+               step_speed: Optional[float] = None) -> RunResult:
         """Write final/ (by `save(folder)` on the main process), close the log, draw the curve, write summary.json.
-        `counted` is what the stage counts (trained tokens, pairs) over the whole run."""
+        `counted` is what the stage counts (trained tokens, pairs) over the whole run; `step_speed`, its rate
+        inside the steps of this process's run."""
         final_dir = self.dir / "final"
         if self.bar is not None:
             self.bar.close()
@@ -518,6 +521,7 @@ class Run:
             seconds=seconds,
             tokens_per_second=counted / max(seconds, 1e-9),
             startup=self.startup,
+            step_speed=step_speed,
             notes=self.notes,
         )
         if self.main:
