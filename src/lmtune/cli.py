@@ -567,7 +567,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
 
     from .launch import FAILURES, keep_output, launched, lost_contact, record_failure
 
-    if launched():
+    if launched() and own_process:  # the process is this command's: its output streams may be wrapped
         keep_output()
     try:
         return COMMANDS[args.command](args)

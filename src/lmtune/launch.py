@@ -147,7 +147,8 @@ def launch(
     address = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = master_port or int(os.environ.get("MASTER_PORT", 0)) or (29500 if nnodes > 1 else free_port())
     failures = tempfile.mkdtemp(prefix="lmtune-ranks-")
-    os.environ[FAILURES] = failures
+    before = os.environ.get(FAILURES)
+    os.environ[FAILURES] = failures  # the launched processes inherit it; this one gets its own value back at the end
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -167,4 +168,9 @@ def launch(
         said = Path(failures, "rank-0")
         line = said.read_text().strip() if said.exists() else f"stopped by {signal.Signals(exc.sigval).name} before the first step"
         raise LaunchError(line, 128 + int(exc.sigval)) from None
+    finally:
+        if before is None:
+            os.environ.pop(FAILURES, None)
+        else:
+            os.environ[FAILURES] = before
     return 0

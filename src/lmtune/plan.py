@@ -15,7 +15,8 @@ Every figure is an estimate with its assumptions on the page:
   overhead per device (CUDA context and allocator, or the Python process);
 - time: 6 FLOPs per weight per token (4 for frozen weights, +2 with
   checkpointing) plus causal attention, at a stated share of the device's
-  dense peak.
+  dense peak; on a CPU, this machine's measured peak plus the fixed costs of
+  each pass and layer and of the optimizer update (measured, RESULTS.md).
 """
 
 from __future__ import annotations
@@ -66,7 +67,12 @@ DEVICES = {
     "t4": Device(16, 65, 8.1, 8.1, 0.8),
     "cpu": Device(16, 0.18, 0.18, 0.18, 0.4, transient=2.1, quantised_transient=1.0),
 }
-UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak a fine-tuning step reaches (stated, not measured here)
+UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak the matrix products of a step reach
+# On a CPU the fixed costs of each pass matter as much as the matrix products for small models: measured by
+# benchmarks/plan_accuracy.py (RESULTS.md) on the benchmark's 30M model and the builtin tiny and small ones.
+CPU_PASS_S = 0.004  # per micro batch: the embedding, the loss, the Python around a forward and backward
+CPU_LAYER_S = 0.0025  # per decoder layer per micro batch: its kernels' dispatch and autograd's bookkeeping
+CPU_UPDATE_BYTES_PER_S = 4e9  # the optimizer update streams each trained weight, its gradient and its states
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
 # Model types whose RMS norms lmtune computes in one autograd function (model/rms_norm.py), keeping no normalised output.
 FUSED_RMS_NORMS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite"}
@@ -305,11 +311,16 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
     flops_per_token = (frozen_matmul + checkpoint_extra) * (total - trained_matmul) + (6 + checkpoint_extra) * trained_matmul
     flops_per_token += 12 * shape.layers * shape.hidden * tokens / 2  # causal attention over half the example on average
     if device_name == "cpu":
-        peak, utilisation = device.peak_tflops_32, UTILISATION["cpu"]
+        peak, utilisation = cpu_peak_tflops(), UTILISATION["cpu"]
+        micro_tokens = batch * tokens
+        update = trainable * (4 + 4 + optimizer_bytes) * 2 / CPU_UPDATE_BYTES_PER_S / max(t.gradient_accumulation_steps, 1)
+        seconds_per_micro = (micro_tokens * flops_per_token / (peak * 1e12 * utilisation)
+                             + CPU_PASS_S + CPU_LAYER_S * shape.layers + update)
+        tokens_per_second = devices * micro_tokens / seconds_per_micro
     else:
         peak = device.peak_tflops_16 if half else (device.peak_tflops_tf32 if p.tf32 else device.peak_tflops_32)
         utilisation = UTILISATION["gpu"]
-    tokens_per_second = devices * peak * 1e12 * utilisation / flops_per_token
+        tokens_per_second = devices * peak * 1e12 * utilisation / flops_per_token
     seconds = total_tokens / tokens_per_second if total_tokens else None
     return Estimate(
         device=device_name, devices=devices, memory_per_device_gib=memory_gib, parameters=total, trainable_parameters=trainable,
@@ -319,6 +330,45 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
         fits=fits, largest_micro_batch=largest, tokens_per_second=tokens_per_second, seconds=seconds, total_tokens=total_tokens,
         utilisation=utilisation,
     )
+
+
+def cpu_peak_tflops() -> float:
+    """This machine's fp32 matrix-product rate, measured once (a fifth of a second with numpy) and kept under
+    $LMTUNE_HOME; a CPU's speed varies too much between machines for one figure to serve them all."""
+    import platform
+
+    home = Path(os.environ.get("LMTUNE_HOME", Path.home() / ".cache" / "lmtune"))
+    key = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}"
+    cache = home / "cpu-speed.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and known.get(f"{key} measurements", 0) >= 3:
+        return float(known[key])
+    try:
+        import time
+
+        import numpy as np
+    except ImportError:
+        return DEVICES["cpu"].peak_tflops_32
+    size = 512
+    a, b = np.ones((size, size), np.float32), np.ones((size, size), np.float32)
+    a @ b  # the BLAS threads start
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - began) / 4)
+    # A busy machine measures low: the fastest of the first three measurements is kept.
+    rate = max(2 * size**3 / best / 1e12, float(known.get(key, 0.0)))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: rate, f"{key} measurements": known.get(f"{key} measurements", 0) + 1}))
+    except OSError:
+        pass
+    return rate
 
 
 def _tokens_per_example(config: Any, shape: Shape) -> int:
