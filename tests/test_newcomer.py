@@ -133,3 +133,138 @@ def test_plan_takes_current_cards_and_an_8bit_config_without_bitsandbytes(tmp_pa
         assert main(["plan", str(config), "--gpu", card]) == 0, card
         captured = capsys.readouterr()
         assert "int8_quantization: quantised bases need bitsandbytes" in captured.err and "plan reads config.json only" in captured.err
+
+
+def test_interactive_chat_takes_a_two_line_message_and_an_empty_line_does_not_end_it(tmp_path, capsys, monkeypatch):
+    from test_train import make_config, run
+
+    import lmtune.generate as generate
+
+    result = run(make_config(tmp_path, method="lora", max_steps=1))
+    seen = []
+    monkeypatch.setattr(generate, "answer", lambda model, tokenizer, histories, *a, **k: seen.append(histories[0][-1]) or ["ok"])
+    typed = iter(["Reverse the list.\\", "\\", "1 2 3", "", "/exit"])  # an empty line alone goes on, it does not end
+
+    def fake_input(prompt=""):
+        return next(typed)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(result.run_dir)]) == 0
+    assert seen == [{"role": "user", "content": "Reverse the list.\n\n1 2 3"}]
+
+
+def test_plan_on_a_cpu_counts_the_fixed_costs_of_each_pass(tmp_path, monkeypatch):
+    """The audit's 60x: with the matrix products alone, a 2M-parameter model on a CPU would train 60 times faster
+    than it does. However fast the matrix products, each micro batch costs its passes and layers."""
+    from lmtune import plan as planning
+    from lmtune.config.load import resolve
+
+    monkeypatch.setattr(planning, "cpu_peak_tflops", lambda: 1e9)  # matrix products for free
+    config = resolve(data={"base_model": "builtin:small", "method": "full", "micro_batch_size": 8, "max_input_length": 64,
+                           "max_steps": 100}).config
+    estimate = planning.make_plan(config, device="cpu")
+    fixed = planning.CPU_PASS_S + planning.CPU_LAYER_S * 4
+    assert estimate.tokens_per_second < 8 * 64 / fixed
+    assert estimate.seconds > 100 * fixed
+
+
+def test_plan_measures_this_cpu_once_and_keeps_the_fastest(tmp_path, monkeypatch):
+    from lmtune import plan as planning
+
+    monkeypatch.setenv("LMTUNE_HOME", str(tmp_path))
+    first = planning.cpu_peak_tflops()
+    assert first > 0
+    saved = json.loads((tmp_path / "cpu-speed.json").read_text())
+    key = next(k for k in saved if not k.endswith("measurements"))
+    saved[key] = first * 1000  # as if an earlier, quieter measurement had been faster
+    (tmp_path / "cpu-speed.json").write_text(json.dumps(saved))
+    assert planning.cpu_peak_tflops() == first * 1000
+
+
+def test_library_noise_is_quiet_in_eval_chat_and_export(tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import make_config
+
+    config = make_config(tmp_path, method="lora", max_steps=2, validation_split_ratio=0.25)
+    subprocess.run([sys.executable, "-m", "lmtune", "train", str(config)], check=True, capture_output=True)
+    run_dir = tmp_path / "run"
+    for argv in (["eval", str(config), "--checkpoint", str(run_dir)], ["chat", str(run_dir), "--prompt", "hi"],
+                 ["export", str(run_dir), "--merge"]):
+        done = subprocess.run([sys.executable, "-m", "lmtune", *argv], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr and "gemm_4bit" not in done.stderr, (argv, done.stderr)
+
+
+def test_an_int8_run_does_not_repeat_the_cast_warning(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    from test_train import make_config
+
+    config = make_config(tmp_path, method="lora", int8_quantization=True, max_steps=3)
+    done = subprocess.run([sys.executable, "-m", "lmtune", "train", str(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MatMul8bitLt" not in done.stderr
+
+
+def test_features_other_tools_have_are_named_with_what_to_use_instead(tmp_path, capsys):
+    for key, instead in (("use_dora", "use method: lora"), ("streaming", "max_train_samples"), ("use_unsloth", "remove the key"),
+                         ("tokens", "use a tokenizer that has them"), ("deepspeed", "enable_fsdp: true")):
+        code, lines = check_lines(tmp_path, capsys, **{key: True})
+        errors = [line for line in lines if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and "lmtune does not have" in errors[0] and instead in errors[0], (key, errors)
+        assert main(["explain", key]) == 1
+        out = capsys.readouterr().out
+        assert "lmtune does not have" in out and "not supported: " not in out
+
+
+def test_a_two_process_refusal_is_said_once(tmp_path):
+    import subprocess
+    import sys
+
+    from test_train import make_config
+
+    config = make_config(tmp_path, method="full", enable_fsdp=True)  # every process finds nothing to resume
+    done = subprocess.run([sys.executable, "-m", "lmtune", "train", str(config), "--nproc", "2", "--resume"],
+                          capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "holds no checkpoint" in errors[0], done.stderr[-3000:]
+
+
+def test_the_progress_bar_keeps_the_training_loss_beside_the_eval_loss(tmp_path):
+    from test_train import make_config, run
+
+    import lmtune.engine.loop as loop
+
+    shown = []
+    real = loop.SharedLoop.evaluate_now
+
+    def spy(self):
+        stop = real(self)
+        shown.append(dict(self.shown))
+        return stop
+
+    loop.SharedLoop.evaluate_now = spy
+    try:
+        result = run(make_config(tmp_path, method="lora", max_steps=6, validation_split_ratio=0.25, eval_strategy="steps",
+                                 eval_steps=3))
+    finally:
+        loop.SharedLoop.evaluate_now = real
+    assert shown and all({"loss", "eval", "tokens/s"} <= set(bar) for bar in shown), shown
+    assert result.step_speed >= result.tokens_per_second  # the steps alone are faster than start to end
+
+
+def test_the_readme_states_the_quickstart_time_as_measured_and_it_is_short():
+    from pathlib import Path
+
+    from lmtune.quickstart import config_text
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first = readme.split("```bash", 1)[1].split("```", 1)[0]
+    assert "measured" in first and "~2 minutes" not in first
+    assert "epochs: 1\n" in config_text(Path("d.jsonl"), Path("run"))

@@ -301,8 +301,11 @@ def run_data(args: argparse.Namespace) -> int:
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
+    from .model.load import quiet_library_warnings
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    quiet_library_warnings()
 
 
 def _skip_bitsandbytes_for_inference(args: argparse.Namespace) -> None:
@@ -363,6 +366,10 @@ def run_chat(args: argparse.Namespace) -> int:
 @command("eval")
 def run_eval_command(args: argparse.Namespace) -> int:
     config = _valid_config(args)
+    if args.own_process:
+        from .model.unused_imports import skip_bitsandbytes_unless_needed
+
+        skip_bitsandbytes_unless_needed(config)  # a quantised base needs it; anything else would only hear from it
     _quiet_transformers()
     from .engine.evaluate import evaluate_run
 

@@ -48,7 +48,8 @@ class Device:
     quantised_transient: float = 0.0
 
 
-# Vendor datasheet dense peaks (no sparsity); CPU: a nominal 2-core figure, override with --gpu-memory for RAM.
+# Vendor datasheet dense peaks (no sparsity); CPU: a nominal 2-core figure, used only where numpy cannot measure this
+# machine's (cpu_peak_tflops); --gpu-memory overrides the RAM figure.
 DEVICES = {
     "b200": Device(180, 2250, 80, 1100, 2.0),
     "h200": Device(141, 989, 67, 494, 1.5),
@@ -70,9 +71,10 @@ DEVICES = {
 UTILISATION = {"gpu": 0.40, "cpu": 0.60}  # share of the peak the matrix products of a step reach
 # On a CPU the fixed costs of each pass matter as much as the matrix products for small models: measured by
 # benchmarks/plan_accuracy.py (RESULTS.md) on the benchmark's 30M model and the builtin tiny and small ones.
-CPU_PASS_S = 0.004  # per micro batch: the embedding, the loss, the Python around a forward and backward
-CPU_LAYER_S = 0.0025  # per decoder layer per micro batch: its kernels' dispatch and autograd's bookkeeping
-CPU_UPDATE_BYTES_PER_S = 4e9  # the optimizer update streams each trained weight, its gradient and its states
+CPU_PASS_S = 0.003  # per micro batch: the embedding, the loss, the Python around a forward and backward
+CPU_LAYER_S = 0.002  # per decoder layer per micro batch: its kernels' dispatch and autograd's bookkeeping
+CPU_ADAPTER_S = 0.0015  # per LoRA-adapted linear layer per micro batch: its two small products and dropout
+CPU_UPDATE_BYTES_PER_S = 24e9  # the optimizer update streams each trained weight, its gradient and its states
 GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
 # Model types whose RMS norms lmtune computes in one autograd function (model/rms_norm.py), keeping no normalised output.
 FUSED_RMS_NORMS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite"}
@@ -314,8 +316,9 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
         peak, utilisation = cpu_peak_tflops(), UTILISATION["cpu"]
         micro_tokens = batch * tokens
         update = trainable * (4 + 4 + optimizer_bytes) * 2 / CPU_UPDATE_BYTES_PER_S / max(t.gradient_accumulation_steps, 1)
+        adapted = shape.layers * len(_lora_targets(shape, f.lora_target)) if adapters else 0
         seconds_per_micro = (micro_tokens * flops_per_token / (peak * 1e12 * utilisation)
-                             + CPU_PASS_S + CPU_LAYER_S * shape.layers + update)
+                             + CPU_PASS_S + CPU_LAYER_S * shape.layers + CPU_ADAPTER_S * adapted + update)
         tokens_per_second = devices * micro_tokens / seconds_per_micro
     else:
         peak = device.peak_tflops_16 if half else (device.peak_tflops_tf32 if p.tf32 else device.peak_tflops_32)
@@ -467,8 +470,11 @@ def table(plan: Estimate) -> str:
     for name, value in plan.bytes_per_device.items():
         lines.append(f"  {name:12s} {value / GIB:8.2f} GiB")
     lines.append(f"  {'total':12s} {plan.peak_bytes / GIB:8.2f} GiB of {plan.memory_per_device_gib:.0f}")
-    lines.append(f"time: {plan.tokens_per_second:,.0f} tokens/s at {plan.utilisation:.0%} of the device's dense peak"
-                 + (f", {plan.total_tokens:,} tokens: {_duration(plan.seconds)}" if plan.seconds is not None else " (run length unknown: no max_steps and no local data to count)"))
+    how = (f"this CPU's measured peak ({cpu_peak_tflops():.2f} TFLOP/s) at {plan.utilisation:.0%}, plus fixed costs per pass, "
+           "layer and update" if plan.device == "cpu" else f"{plan.utilisation:.0%} of the device's dense peak")
+    lines.append(f"time: {plan.tokens_per_second:,.0f} tokens/s ({how})"
+                 + (f", {plan.total_tokens:,} tokens (an upper bound: every example at max_input_length): {_duration(plan.seconds)}"
+                    if plan.seconds is not None else " (run length unknown: no max_steps and no local data to count)"))
     lines.append(f"plan: {verdict(plan)}")
     return "\n".join(lines)
 

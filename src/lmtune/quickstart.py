@@ -36,7 +36,7 @@ max_input_length: 64
 validation_split_ratio: 0.05
 train_data_split_seed: 0
 packing: true
-epochs: 3
+epochs: 1
 learning_rate: 1.0e-3
 weight_decay: 0.01
 micro_batch_size: 8

@@ -15,7 +15,6 @@ import math
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,9 +131,9 @@ def keep_large_blocks_out_of_the_heap() -> None:
 
 
 def _quiet_libraries(config: Config) -> None:
-    # peft calls a transformers method that transformers itself marks deprecated; nothing for our users to do.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+    from ..model.load import quiet_library_warnings
+
+    quiet_library_warnings()
     level = config.sagemaker.sagemaker_container_log_level
     if level is not None:
         import logging

@@ -28,6 +28,19 @@ class ModelError(UserError, ValueError):
     """A model that cannot be used as configured; the message names the key and the fix."""
 
 
+
+def quiet_library_warnings() -> None:
+    """Warnings the libraries raise that a user can do nothing about: peft calls a transformers method that
+    transformers itself marks deprecated, and bitsandbytes' int8 layers say on every call that they cast their
+    input to fp16 (as they must; lmtune's int8 runs expect it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+    import logging
+
+    logging.getLogger("bitsandbytes.autograd").setLevel(logging.ERROR)  # "MatMul8bitLt: inputs will be cast ..." per call
+
 def model_location(name: str) -> str:
     if is_builtin(name):
         try:
