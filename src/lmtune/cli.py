@@ -442,6 +442,23 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("board")
+def run_board(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: board: needs {' and '.join(missing)}; pip install 'lmtune[board]'", file=sys.stderr)
+        return 1
+    root = Path(args.runs_dir)
+    if not root.is_dir():
+        print(f"error: {root}: no such folder; give the folder that holds your run folders (e.g. runs)", file=sys.stderr)
+        return 1
+    from .board.server import serve
+
+    return serve(root, args.host, args.port, args.token)
+
+
 @command("quickstart")
 def run_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run
@@ -531,6 +548,12 @@ def _training_commands(sub: Any) -> None:
 
     p = sub.add_parser("quickstart", help="an offline fine-tuning run from start to end, in a few minutes")
     p.add_argument("--out", default="runs/quickstart", help="where the data, config and run go")
+
+    p = sub.add_parser("board", help="a local web page where runs are watched, compared and launched (the board extra)")
+    p.add_argument("runs_dir", nargs="?", default="runs", help="the folder that holds the run folders (nested ones too)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on; any but this machine's own needs a token")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="the token every request must carry (generated and printed when serving beyond 127.0.0.1)")
 
 
 def _model_commands(sub: Any) -> None:

@@ -104,13 +104,14 @@ class FolderLock:
             line += f" (if that run is gone, this lock is taken over {GONE_AFTER_S / 60:.0f} minutes after its last sign of life)"
         return line
 
-    def release(self) -> None:
+    def release(self, outcome: Optional[str] = None) -> None:
+        """`outcome` (finished, stopped, failed) stays in the file for whoever reads the folder (`lmtune board`)."""
         self._stop.set()
         if self._fd is None:
             return
         try:
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, json.dumps({"released": True}).encode(), 0)
+            os.pwrite(self._fd, json.dumps({"released": True, **({"outcome": outcome} if outcome else {})}).encode(), 0)
         except OSError:
             pass
         os.close(self._fd)  # closing drops the flock

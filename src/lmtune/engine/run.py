@@ -450,16 +450,16 @@ class Run:
         saved = self.save_checkpoint()
         if self.log is not None:
             self.log.close()
-        self.close()
+        self.close("stopped")
         raise Stopped(
             f"stopped by {name} at step {step} of {total_steps}; checkpoint saved: {saved}{CONTINUE}",
             self.signals.exit_code,
         )
 
-    def close(self) -> None:
-        """The run's hold on its folder and signals; safe to call more than once."""
+    def close(self, outcome: Optional[str] = None) -> None:
+        """The run's hold on its folder and signals; safe to call more than once (the first outcome stays)."""
         self.signals.uninstall()
-        self.lock.release()
+        self.lock.release(outcome)
 
     def save_checkpoint(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -527,7 +527,7 @@ class Run:
             (self.dir / "summary.json").write_text(
                 json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()}, indent=2)
             )
-        self.close()
+        self.close("finished")
         return result
 
 
@@ -539,11 +539,13 @@ def closed_after() -> Iterator[None]:
     """Every run opened inside lets go of its folder lock and signal handlers at the end, however it ends
     (an error, or an exception from a callback), so that the same process can run or resume again."""
     before = len(OPEN)
+    outcome = "failed"
     try:
         yield
+        outcome = None  # each run closed itself with its outcome
     finally:
         for run in OPEN[before:]:
-            run.close()
+            run.close(outcome)
         del OPEN[before:]
 
 
