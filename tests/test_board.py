@@ -219,3 +219,19 @@ def test_the_launch_form_shows_checks_problems_and_starts_a_good_run(board, runs
     page.wait_for_selector("#verdict .ok >> text=launched from-the-page")
     page.wait_for_selector("tr[data-run=from-the-page] .status-finished", timeout=240_000)
     assert (runs_dir / "from-the-page" / "final").is_dir()
+    # and then: talk to what it trained
+    page.select_option("#picked", "from-the-page")
+    page.fill("#message", "q1")
+    page.click("#send")
+    page.wait_for_selector("#conversation .model", timeout=120_000)
+    assert page.inner_text("#conversation .model").startswith("model>")
+
+
+def test_a_runs_sampled_answers_are_shown(board, runs_dir, page):
+    rows = [{"step": 4, "prompt": "What is 2+2?", "completion": "four", "rewards": {"exact": 1.0}, "reward": 1.0}]
+    (runs_dir / "lr-1e-3" / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{half")
+    page.goto(board.url)
+    page.wait_for_selector("#picked option[value='lr-1e-3']", state="attached")
+    page.select_option("#picked", "lr-1e-3")
+    page.wait_for_selector("#samples >> text=four")
+    assert "What is 2+2?" in page.inner_text("#samples")

@@ -122,7 +122,7 @@ def summary(root: Path, name: Path, with_metrics: bool = True) -> dict[str, Any]
         "last_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
         "seconds_per_step": per_step, "elapsed_seconds": elapsed,
         "seconds_left": per_step * (total - steps) if per_step and total and total > steps else None,
-        "problems": problems, "updated": last,
+        "problems": problems, "updated": last, "has_model": (folder / "final").is_dir(),
     }
     if with_metrics:
         out["metrics"] = records
@@ -135,6 +135,23 @@ def _mtime(path: Path) -> Optional[float]:
         return path.stat().st_mtime
     except OSError:
         return None
+
+
+def samples(folder: Path, limit: int = 20) -> list[dict[str, Any]]:
+    """The last sampled answers a run wrote (completions.jsonl: grpo's answers with their rewards)."""
+    try:
+        lines = (folder / "completions.jsonl").read_text(errors="replace").splitlines()[-limit:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def differences(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -81,7 +81,30 @@ async def one_run(request: Any) -> Any:
     folder = named(request)
     if folder is None:
         return JSONResponse({"error": "no such run"}, 404)
-    return JSONResponse(runs.summary(root_of(request), folder.relative_to(root_of(request))))
+    return JSONResponse({**runs.summary(root_of(request), folder.relative_to(root_of(request))), "samples": runs.samples(folder)})
+
+
+async def chat(request: Any) -> Any:
+    """One answer from a run's final model (adapter or full), loaded once and kept, with the run's own template."""
+    body = await request.json()
+    folder = runs.inside(root_of(request), str(body.get("run", "")))
+    if folder is None or not (folder / "final").is_dir():
+        return JSONResponse({"error": "no such run with a final model"}, 404)
+    prompt = str(body.get("prompt", ""))[:4000]
+    return JSONResponse(await asyncio.to_thread(reply, request.app.state.models, folder, prompt))
+
+
+def reply(models: dict, folder: Path, prompt: str) -> dict[str, Any]:
+    from ..generate import RunNotFound, answer, generation_settings, load_for_inference
+
+    try:
+        if folder not in models:
+            models[folder] = load_for_inference(folder)
+    except (RunNotFound, OSError, ValueError) as exc:
+        return {"error": str(exc)}
+    model, tokenizer, meta = models[folder]
+    options = {**generation_settings(folder), "demarcation": meta.get("add_input_output_demarcation_key", False)}
+    return {"answer": answer(model, tokenizer, [[{"role": "user", "content": prompt}]], meta.get("template"), **options)[0]}
 
 
 async def compare(request: Any) -> Any:
@@ -163,7 +186,7 @@ ROUTES = [
     Route("/", page), Route("/api/runs", all_runs), Route("/api/schema", schema), Route("/api/runs/{name:path}", one_run),
     Route("/api/compare", compare), Route("/api/events", events),
     Route("/api/check", check, methods=["POST"]), Route("/api/launch", launch, methods=["POST"]),
-    Route("/api/stop/{name:path}", stop, methods=["POST"]),
+    Route("/api/stop/{name:path}", stop, methods=["POST"]), Route("/api/chat", chat, methods=["POST"]),
 ]
 
 
@@ -171,6 +194,7 @@ def create_app(root: Path, token: Optional[str] = None) -> Any:
     app = Starlette(routes=ROUTES, middleware=[Middleware(TokenCheck, token=token)])
     app.state.root = root.resolve()
     app.state.launched = {}
+    app.state.models = {}  # run folder -> (model, tokenizer, meta), for the chat box
     return app
 
 
