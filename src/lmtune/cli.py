@@ -269,6 +269,10 @@ def run_train(args: argparse.Namespace) -> int:
         spread += [f"--nnodes {world // local}"] if world > local else []
         again = " ".join(["lmtune train", args.config, *(f"--set {item}" for item in args.set or []), *spread, "--resume"])
         raise Stopped(f"{str(exc).removesuffix(CONTINUE)}; continue with: {again}", exc.exit_code) from None
+    if launched():
+        from .engine.distributed import leave_process_group
+
+        leave_process_group()
     if os.environ.get("RANK", "0") != "0":
         return 0  # the main process reports for all
     from .stages import stage_of

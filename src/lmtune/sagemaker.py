@@ -233,6 +233,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         hf_logging.disable_progress_bar()  # CloudWatch keeps every redraw; metrics arrive as name=value lines
         result = train(config, None, resume=resume)
+        if launched():
+            from .engine.distributed import leave_process_group
+
+            leave_process_group()
         if os.environ.get("RANK", "0") != "0":
             return 0  # the main process publishes the model and the records
         publish(result, config, job)

@@ -162,3 +162,14 @@ def load_full_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) 
 def main_first(accelerator: Any) -> Any:
     """The main process builds the tokenised-data cache first; the others then read it."""
     return accelerator.main_process_first() if accelerator.num_processes > 1 else nullcontext()
+
+
+def leave_process_group() -> None:
+    """At the end of a launched run: every process has passed the run's last barrier, so each takes its process
+    group down itself. Left to the interpreter's exit, gloo's threads were sometimes destroyed while still
+    joinable, and a process that had finished its work aborted ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
