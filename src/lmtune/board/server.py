@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -176,7 +177,7 @@ async def stop(request: Any) -> Any:
     if folder is None:
         return JSONResponse({"error": "no such run"}, 404)
     found = runs.holder(folder)
-    if runs.status_of(folder) != "running" or not found or found.get("host") != os.uname().nodename:
+    if runs.status_of(folder) != "running" or not found or found.get("host") != socket.gethostname():
         return JSONResponse({"error": "that run is not running on this host"}, 409)
     os.kill(int(found["pid"]), signal.SIGTERM)
     return JSONResponse({"ok": True})
