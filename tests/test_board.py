@@ -235,3 +235,35 @@ def test_a_runs_sampled_answers_are_shown(board, runs_dir, page):
     page.select_option("#picked", "lr-1e-3")
     page.wait_for_selector("#samples >> text=four")
     assert "What is 2+2?" in page.inner_text("#samples")
+
+
+def test_stop_from_the_board_is_the_graceful_stop(board, runs_dir):
+    data = runs_dir / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(8)))
+    config = runs_dir / "long.yaml"
+    config.write_text(f"base_model: builtin:tiny\ndataset: {data}\ntemplate: chatml\nmax_steps: 100000\n"
+                      f"output_dir: {runs_dir / 'long'}\nplot_loss: false\n")
+    training = subprocess.Popen([sys.executable, "-m", "lmtune", "train", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300  # a hang guard only
+        while time.time() < deadline:
+            found = {r["name"]: r for r in json.loads(board.get("/api/runs")[1])["runs"]}
+            if found.get("long", {}).get("status") == "running" and found["long"]["steps"] >= 2:
+                break
+            time.sleep(0.2)
+        request = urllib.request.Request(board.url + "/api/stop/long", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        _, err = training.communicate(timeout=300)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 143 and "stopped by SIGTERM" in err
+    assert json.loads(board.get("/api/runs/long")[1])["status"] == "stopped"
+    request = urllib.request.Request(board.url + "/api/stop/long", method="POST", data=b"")
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("a stopped run was stopped again")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 409
