@@ -172,6 +172,15 @@ def interrupted(tmp_path_factory):
     return straight, config
 
 
+def copy_of(config: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The interrupted run's folder copied into this test's folder, and its config pointing there."""
+    copy = tmp_path / "killed"
+    shutil.copytree(config.parent / "killed", copy)
+    moved = tmp_path / "killed.yaml"
+    moved.write_text(config.read_text().replace(str(config.parent / "killed"), str(copy)))
+    return copy, moved
+
+
 def cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -200,10 +209,7 @@ DAMAGE = {
 @pytest.mark.parametrize("how", list(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(interrupted, tmp_path, how, capsys):
     straight, config = interrupted
-    copy = tmp_path / "killed"
-    shutil.copytree(config.parent / "killed", copy)
-    moved = tmp_path / "killed.yaml"
-    moved.write_text(config.read_text().replace(str(config.parent / "killed"), str(copy)))
+    copy, moved = copy_of(config, tmp_path)
     DAMAGE[how](copy / "checkpoints" / "checkpoint-4")
     assert main(["train", str(moved), "--resume"]) == 0
     out = capsys.readouterr().out
@@ -214,10 +220,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(interrupted
 
 def test_a_resume_with_every_checkpoint_damaged_or_none_says_so_before_loading(interrupted, tmp_path, capsys):
     _, config = interrupted
-    copy = tmp_path / "killed"
-    shutil.copytree(config.parent / "killed", copy)
-    moved = tmp_path / "killed.yaml"
-    moved.write_text(config.read_text().replace(str(config.parent / "killed"), str(copy)))
+    copy, moved = copy_of(config, tmp_path)
     for path in (copy / "checkpoints").glob("checkpoint-*"):
         cut(path / "trainable.safetensors")
     assert main(["train", str(moved), "--resume"]) == 1
@@ -234,10 +237,7 @@ def test_a_resume_with_every_checkpoint_damaged_or_none_says_so_before_loading(i
 
 def test_orphan_staging_folders_are_removed_on_resume(interrupted, tmp_path, capsys):
     _, config = interrupted
-    copy = tmp_path / "killed"
-    shutil.copytree(config.parent / "killed", copy)
-    moved = tmp_path / "killed.yaml"
-    moved.write_text(config.read_text().replace(str(config.parent / "killed"), str(copy)))
+    copy, moved = copy_of(config, tmp_path)
     orphan = copy / "checkpoints" / ".checkpoint-5-abcd"
     orphan.mkdir()
     (orphan / "trainable.safetensors").write_bytes(b"half")
@@ -324,10 +324,7 @@ CHANGES = {
 
 def test_a_resume_with_changed_settings_names_each_and_changes_nothing(interrupted, tmp_path, capsys):
     _, config = interrupted
-    copy = tmp_path / "killed"
-    shutil.copytree(config.parent / "killed", copy)
-    moved = tmp_path / "killed.yaml"
-    moved.write_text(config.read_text().replace(str(config.parent / "killed"), str(copy)))
+    copy, moved = copy_of(config, tmp_path)
     (tmp_path / "other.jsonl").write_text((config.parent / "data.jsonl").read_text())
     resolved = (copy / "config.resolved.yaml").read_text()
     for key, value in CHANGES.items():

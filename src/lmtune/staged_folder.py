@@ -26,3 +26,12 @@ def staged_folder(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_leftovers(parent: Path, prefix: str) -> int:
+    """Staging folders of targets named `prefix...` in parent that a kill left mid-write (they never became
+    complete); the number removed."""
+    found = [p for p in parent.glob(f".{prefix}*") if p.is_dir()] if parent.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)

@@ -132,14 +132,6 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def remove_orphans(folder: Path) -> int:
-    """Hidden staging folders that a kill left mid-write; their checkpoints were never complete."""
-    orphans = [p for p in folder.glob(f".{PREFIX}*") if p.is_dir()] if folder.is_dir() else []
-    for path in orphans:
-        shutil.rmtree(path, ignore_errors=True)
-    return len(orphans)
-
-
 def latest(folder: Path) -> Optional[Path]:
     found = complete_checkpoints(folder)
     return found[-1] if found else None

@@ -26,7 +26,7 @@ import torch
 
 from ..config.schema import Config
 from ..errors import UserError
-from ..staged_folder import staged_folder
+from ..staged_folder import remove_leftovers, staged_folder
 from . import checkpoint, distributed
 from .lock import FolderLock, RunLocked
 from .preemption import CONTINUE, Stopped, StopSignals
@@ -214,9 +214,7 @@ class Run:
                 (self.dir / stale).unlink(missing_ok=True)
             for stale in ("checkpoints", "final", "plots", "tensorboard"):
                 shutil.rmtree(self.dir / stale, ignore_errors=True)
-        removed = checkpoint.remove_orphans(self.checkpoints) + sum(
-            shutil.rmtree(p, ignore_errors=True) is None for p in self.dir.glob(".final-*") if p.is_dir()
-        )
+        removed = remove_leftovers(self.checkpoints, checkpoint.PREFIX) + remove_leftovers(self.dir, "final")
         if removed:
             self.say(f"note: removed {removed} half-written folder(s) that an interrupted run left")
         import yaml
