@@ -66,7 +66,6 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     },
     "precision": {"float32": "fp32", "no": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"},
     "attn_implementation": {"fa2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager", "disabled": "eager"},
-    "template": {"qwen": "chatml", "qwen2": "chatml", "qwen3": "chatml", "empty": "plain", "default": "plain"},
     "lr_scheduler": {"constant_schedule": "constant", "cosine_schedule": "cosine"},
     "eval_strategy": {"none": "no"},
 }

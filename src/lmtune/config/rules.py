@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Callable
 from .problem import Problem
 from .schema import KEY_GROUP as KEY_ORDER
 from .method import trains_adapters
+from ..data.templates import ALL_TEMPLATES, TEMPLATE_NAMES
 
 if TYPE_CHECKING:
     from .load import Resolved
 
-TEMPLATES = ("llama3", "chatml", "mistral", "alpaca", "plain")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_modules_to_save")
@@ -233,13 +233,13 @@ def data_settings(r: "Resolved") -> list[Problem]:
         )
     if any(w <= 0 for w in d.dataset_weights):
         out.append(Problem("error", "dataset_weights", "weights must be above 0"))
-    if d.template is not None and d.template not in TEMPLATES:
+    if d.template is not None and d.template.strip().lower() not in TEMPLATE_NAMES:
         out.append(
             Problem(
                 "error",
                 "template",
-                f"no template named {d.template!r}; use one of {', '.join(TEMPLATES)}, or leave it unset "
-                "for the tokenizer's own chat template",
+                f"no template named {d.template!r}; use one of {', '.join(ALL_TEMPLATES)} (or a name "
+                "`lmtune explain template` lists), or leave it unset for the tokenizer's own chat template",
             )
         )
     base = Path(d.dataset_dir) if d.dataset_dir else Path(r.path).parent if r.path else Path(".")

@@ -243,10 +243,22 @@ class DataArgs(Group):
     )
     template: Optional[str] = setting(
         None,
-        "The prompt format: `llama3`, `chatml`, `mistral`, `alpaca`, `plain`, or "
-        "unset for the tokenizer's own chat template.",
+        "The chat format: a family's name (`llama3`, `qwen3`, `gemma`, `phi4`, `deepseek-r1`, ... as "
+        "LLaMA-Factory and Axolotl write them; `lmtune explain template` lists them all), or unset for the "
+        "tokenizer's own chat template. The saved tokenizer carries the format that was trained.",
         axolotl=("chat_template",),
         llamafactory=("template",),
+    )
+    train_on_reasoning: bool = setting(
+        True,
+        "Learn an answer's reasoning (`reasoning_content`, or a `<think>` block) along with its text; "
+        "false trains the text only.",
+    )
+    enable_thinking: Optional[bool] = setting(
+        None,
+        "Passed to templates that switch thinking on and off (Qwen3, Nemotron): false renders each answer "
+        "in the thinking-off prompt. Unset: the template's own default.",
+        llamafactory=("enable_thinking",),
     )
     chat_dataset: bool = setting(
         False,

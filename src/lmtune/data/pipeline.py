@@ -313,7 +313,8 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             summary.from_cache = True
             return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
-    renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key)
+    renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key,
+                             d.train_on_reasoning, d.enable_thinking, note=print)
     if d.truncation != "drop":  # dropping says itself how many rows were too long
         leaves_room(train_records, renderer, tokenizer, max_len)
     workers = d.preprocessing_num_workers or 1

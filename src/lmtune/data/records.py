@@ -34,6 +34,11 @@ ROLE_NAMES = {
     "model": "assistant",
     "bot": "assistant",
     "system": "system",
+    "tool": "tool",
+    "ipython": "tool",
+    "observation": "tool",  # LLaMA-Factory's ShareGPT: a tool's result
+    "function": "tool",
+    "function_call": "assistant",  # LLaMA-Factory's ShareGPT: a call, its value the call's JSON
 }
 
 
@@ -233,16 +238,76 @@ def _messages(row: Row, field: str) -> list[dict[str, str]]:
     return messages
 
 
-def _turn(row: Row, where: str, turn: Any) -> dict[str, str]:
+def _turn(row: Row, where: str, turn: Any) -> dict[str, Any]:
+    """role and content, with an answer's reasoning and tool calls kept in the shapes chat templates take."""
     if not isinstance(turn, dict):
         raise DataError(f"{row.where}: `{where}` must be an object with role and content")
     role = turn.get("role", turn.get("from"))
     content = turn.get("content", turn.get("value"))
-    if role is None or content is None:
+    calls = turn.get("tool_calls")
+    if role is not None and str(role).lower() == "function_call":  # the value is the call itself
+        calls, content = [_call_json(row, where, content)], ""
+    if role is None or (content is None and not calls):
         raise DataError(f"{row.where}: `{where}` needs role/content (or ShareGPT from/value)")
     if str(role).lower() not in ROLE_NAMES:
-        raise DataError(f"{row.where}: `{where}` has role {role!r}; expected user, assistant or system")
-    return {"role": ROLE_NAMES[str(role).lower()], "content": _content(row, where, content)}
+        raise DataError(f"{row.where}: `{where}` has role {role!r}; expected user, assistant, system or tool")
+    message: dict[str, Any] = {"role": ROLE_NAMES[str(role).lower()], "content": _content(row, where, content or "")}
+    reasoning = next((turn[k] for k in ("reasoning_content", "reasoning", "thinking") if turn.get(k)), None)
+    if reasoning is not None and message["role"] == "assistant":
+        message["reasoning_content"] = _content(row, f"{where}.reasoning_content", reasoning)
+    if calls and message["role"] == "assistant":
+        message["tool_calls"] = _tool_calls(row, where, calls)
+    for key in ("tool_call_id", "name"):
+        if message["role"] == "tool" and isinstance(turn.get(key), str):
+            message[key] = turn[key]
+    return message
+
+
+def _call_json(row: Row, where: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{row.where}: `{where}` is a function_call whose value is not JSON "
+                            '({"name": ..., "arguments": {...}}); fix that turn') from None
+    return value
+
+
+def _tool_calls(row: Row, where: str, calls: Any) -> list[dict[str, Any]]:
+    """OpenAI's [{"type": "function", "function": {"name", "arguments"}}]; bare {"name", "arguments"} calls too."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    out = []
+    for index, call in enumerate(calls if isinstance(calls, list) else [None]):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{row.where}: `{where}.tool_calls[{index}]` needs a function name "
+                            '({"type": "function", "function": {"name": ..., "arguments": {...}}})')
+        arguments = function.get("arguments", function.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass  # kept as written: a template writes a string argument as it is
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(row: Row) -> Optional[list[Any]]:
+    """A row's `tools` (function schemas), as a list or its JSON text (LLaMA-Factory writes a string)."""
+    tools = row.values.get("tools")
+    if tools in (None, "", []):
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise DataError(f"{row.where}: `tools` is not JSON; give a list of function schemas") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise DataError(f"{row.where}: `tools` must be a list of function schemas, got {type(tools).__name__}")
+    return tools
 
 
 def _content(row: Row, where: str, content: Any) -> str:
@@ -272,14 +337,26 @@ def _answer(row: Row, field: str) -> str:
     return str(value)
 
 
-def _check_alternation(row: Row, messages: list[dict[str, str]], need_answer: bool) -> None:
+def _check_alternation(row: Row, messages: list[dict[str, Any]], need_answer: bool) -> None:
+    """user and assistant turns alternate; tool results follow an answer that calls tools, and an answer follows them."""
     turns = [m for m in messages if m["role"] != "system"]
     if any(m["role"] == "system" for m in messages[1:]):
         raise DataError(f"{row.where}: a system turn may only come first")
+    expected = "user"
     for index, message in enumerate(turns):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise DataError(f"{row.where}: turn {index + 1} is {message['role']}, expected {expected}; turns must alternate")
+        role = message["role"]
+        if role == "tool":
+            previous = turns[index - 1] if index else None
+            if previous is None or not (previous["role"] == "tool" or previous.get("tool_calls")):
+                raise DataError(f"{row.where}: turn {index + 1} is a tool result with no tool call before it; "
+                                "a tool turn follows an assistant turn that has tool_calls")
+            expected = "assistant"
+            continue
+        if role != expected:
+            raise DataError(f"{row.where}: turn {index + 1} is {role}, expected {expected}; turns must alternate")
+        expected = "assistant" if role == "user" else "user"
+        if role == "assistant" and message.get("tool_calls"):
+            expected = "tool"
     if need_answer and (not turns or turns[-1]["role"] != "assistant"):
         raise DataError(f"{row.where}: the conversation does not end with an assistant turn, so nothing would be learned")
 
@@ -306,7 +383,7 @@ def _instruction_messages(row: Row) -> list[dict[str, str]]:
 # The columns the formats read; the rest of a row travels with its record as "columns".
 READ_COLUMNS = frozenset({
     "text", "messages", "conversations", "dialog", "instruction", "input", "output", "prompt", "response", "completion",
-    "system", "history", "chosen", "rejected", "margin", "label", "kto_tag",
+    "system", "history", "chosen", "rejected", "margin", "label", "kto_tag", "tools",
 })
 
 
@@ -341,7 +418,11 @@ def _normalised(row: Row, fmt: str) -> dict[str, Any]:
         messages = _messages(row, field)
         _check_alternation(row, messages, need_answer=True)
         record = {"kind": "chat", "messages": messages}
-        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+        tools = _tools(row)
+        if tools:
+            record["tools"] = tools
+        if not any(m["content"].strip() or m.get("tool_calls") or m.get("reasoning_content")
+                   for m in messages if m["role"] == "assistant"):
             record.update(drop="every answer is empty", where=row.where)  # counted and reported, as empty pairs are
         return record
     if fmt == "instruction":

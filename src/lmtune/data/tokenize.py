@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from typing import Any, Optional
 
+from .records import DataError
 from .templates import Renderer, Segment
 
 IGNORE = -100
@@ -25,6 +26,63 @@ def join_segments(pieces: list[list[int]], segments: list[Segment]) -> tuple[lis
         ids += tokens
         labels += tokens if trained else [IGNORE] * len(tokens)
     return ids, labels
+
+
+def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of each example. Its whole text is tokenised in one piece, as `apply_chat_template` does, so
+    the ids are the ones the model is served with; a token is trained when it overlaps a trained segment."""
+    if not examples:
+        return []
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: segment by segment
+        flat = encode_batch(tokenizer, [text for segments in examples for text, _ in segments])
+        out, at = [], 0
+        for segments in examples:
+            out.append(join_segments(flat[at : at + len(segments)], segments))
+            at += len(segments)
+        return out
+    encoded = tokenizer(["".join(text for text, _ in segments) for segments in examples],
+                        add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, segments in zip(encoded["input_ids"], encoded["offset_mapping"], examples):
+        spans, at = [], 0
+        for text, trained in segments:
+            if trained:
+                spans.append((at, at + len(text)))
+            at += len(text)
+        labels, span = [], 0
+        for token, (start, end) in zip(ids, offsets):
+            end = max(end, start + 1)
+            while span < len(spans) and spans[span][1] <= start:
+                span += 1
+            labels.append(token if span < len(spans) and spans[span][0] < end else IGNORE)
+        out.append((ids, labels))
+    return out
+
+
+def template_refusal(exc: Exception) -> Optional[str]:
+    """The reason a row cannot be rendered: the chat template's own message, or lmtune's; None for other errors."""
+    from jinja2 import TemplateError
+
+    if isinstance(exc, TemplateError):
+        return f"the chat template refuses it ({exc})"
+    if isinstance(exc, DataError):
+        return str(exc)
+    return None
+
+
+def render_each(render: Any, records: list[dict[str, Any]]) -> tuple[list[Any], Counter]:
+    """render(record) for each record; a record the template refuses becomes None and is counted with the reason."""
+    out, refused = [], Counter()
+    for record in records:
+        try:
+            out.append(render(record))
+        except Exception as exc:
+            reason = template_refusal(exc)
+            if reason is None:
+                raise
+            refused[f"dropped: {reason} (first: {record.get('where', 'a row')})"] += 1
+            out.append(None)
+    return out, refused
 
 
 def _last_answer_start(labels: list[int]) -> Optional[int]:
@@ -69,17 +127,20 @@ def fit_length(
 def tokenize_sequences(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
-    """sft, ppo and grpo records: one sequence each."""
-    rendered = [renderer.record(r) for r in records]
-    flat = [text for segments in rendered for text, _ in segments]
-    pieces = encode_batch(tokenizer, flat)
-    examples, outcomes = [], Counter()
+    """sft, ppo and grpo records: one sequence each (one per answer where the template rewrites earlier turns)."""
+    rendered, outcomes = render_each(renderer.examples, records)
+    outcomes.update(renderer.notes)
+    renderer.notes.clear()
+    flat = [segments for examples in rendered if examples for segments in examples]
+    encoded = iter(encode_examples(tokenizer, flat))
+    examples = []
     prompts_only = bool(records) and records[0]["kind"] == "prompt"
-    at = 0
-    for record, segments in zip(records, rendered):
-        ids, labels = join_segments(pieces[at : at + len(segments)], segments)
-        at += len(segments)
+    for record, record_examples in zip(records, rendered):
+        if record_examples is None:
+            continue
+        pieces = [next(encoded) for _ in record_examples]
         if prompts_only:  # RL prompts are kept whole or cut at the left; their other columns travel as JSON
+            ids = pieces[0][0]
             outcomes["kept" if len(ids) <= max_len else "truncated"] += 1
             user = [m["content"] for m in record["messages"] if m["role"] == "user"]
             example = {"input_ids": ids[-max_len:], "prompt_text": list((user[-1] if user else "").encode())}
@@ -90,35 +151,42 @@ def tokenize_sequences(
         if record.get("drop"):
             outcomes[f"dropped: {record['drop']}"] += 1
             continue
-        ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
-        outcomes[outcome] += 1
-        if ids is not None:
-            examples.append({"input_ids": ids, "labels": labels})
+        for ids, labels in pieces:
+            ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
+            outcomes[outcome] += 1
+            if ids is not None:
+                examples.append({"input_ids": ids, "labels": labels})
     return examples, outcomes
+
+
+def _prompts_and_answers(
+    records: list[dict[str, Any]], renderer: Renderer, answers: Any
+) -> tuple[list[Optional[list[tuple[str, str]]]], Counter]:
+    """Each record's (prompt, answer) texts, one per answer `answers(record)` names."""
+    return render_each(lambda r: [renderer.prompt_and_answer(r["messages"], a) for a in answers(r)], records)
+
+
+def _prompt_answer_ids(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """ids and labels of prompt + answer texts (the answer trained), each tokenised whole."""
+    return encode_examples(tokenizer, [[(prompt, False), (answer, True)] for prompt, answer in pairs])
 
 
 def tokenize_preferences(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
     """rm/dpo records: the prompt once, the chosen and rejected answers after it."""
-    suffix = renderer.answer_end()
-    prompts = [renderer.chat(r["messages"], add_answer_prefix=True) for r in records]
-    flat = [text for segments in prompts for text, _ in segments]
-    answers = [a + suffix for r in records for a in (r["chosen"], r["rejected"])]
-    prompt_pieces = encode_batch(tokenizer, flat)
-    answer_pieces = encode_batch(tokenizer, answers)
-    examples, outcomes = [], Counter()
-    at = 0
-    for index, segments in enumerate(prompts):
-        prompt_ids = [t for piece in prompt_pieces[at : at + len(segments)] for t in piece]
-        at += len(segments)
-        if records[index].get("drop"):
-            outcomes[f"dropped: {records[index]['drop']}"] += 1
+    texts, outcomes = _prompts_and_answers(records, renderer, lambda r: (r["chosen"], r["rejected"]))
+    encoded = iter(_prompt_answer_ids(tokenizer, [pair for pairs in texts if pairs for pair in pairs]))
+    examples = []
+    for record, pairs in zip(records, texts):
+        if pairs is None:
+            continue
+        sides = [next(encoded), next(encoded)]
+        if record.get("drop"):
+            outcomes[f"dropped: {record['drop']}"] += 1
             continue
         pair, outcome = {}, "kept"
-        for side, answer_ids in (("chosen", answer_pieces[2 * index]), ("rejected", answer_pieces[2 * index + 1])):
-            ids = prompt_ids + answer_ids
-            labels = [IGNORE] * len(prompt_ids) + answer_ids
+        for side, (ids, labels) in zip(("chosen", "rejected"), sides):
             ids, labels, result = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
             if ids is None:
                 outcome = result
@@ -128,8 +196,8 @@ def tokenize_preferences(
             pair[f"{side}_input_ids"], pair[f"{side}_labels"] = ids, labels
         outcomes[outcome] += 1
         if len(pair) == 4:
-            if "margin" in records[index]:
-                pair["margin"] = [records[index]["margin"]]
+            if "margin" in record:
+                pair["margin"] = [record["margin"]]
             examples.append(pair)
     return examples, outcomes
 
@@ -138,16 +206,13 @@ def tokenize_unpaired(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
     """kto records: the prompt, then the answer; `label` is 1 for a desirable answer."""
-    suffix = renderer.answer_end()
-    prompts = [renderer.chat(r["messages"], add_answer_prefix=True) for r in records]
-    prompt_pieces = encode_batch(tokenizer, [text for segments in prompts for text, _ in segments])
-    answer_pieces = encode_batch(tokenizer, [r["completion"] + suffix for r in records])
-    examples, outcomes = [], Counter()
-    at = 0
-    for record, segments, answer_ids in zip(records, prompts, answer_pieces):
-        prompt_ids = [t for piece in prompt_pieces[at : at + len(segments)] for t in piece]
-        at += len(segments)
-        ids, labels = prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
+    texts, outcomes = _prompts_and_answers(records, renderer, lambda r: (r["completion"],))
+    encoded = iter(_prompt_answer_ids(tokenizer, [pair for pairs in texts if pairs for pair in pairs]))
+    examples = []
+    for record, pairs in zip(records, texts):
+        if pairs is None:
+            continue
+        ids, labels = next(encoded)
         ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
         outcomes[outcome] += 1
         if ids is not None:

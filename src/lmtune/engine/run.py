@@ -570,6 +570,24 @@ def diverged_message(config: Config, loss: float, step: int, checkpoints: Path) 
     return f"loss became {loss} at step {step}: {cause}. {kept}"
 
 
+def carry_trained_template(tokenizer: Any, config: Config) -> None:
+    """The tokenizer's chat template becomes the format the run trained with, so that `apply_chat_template` on
+    the saved tokenizer gives the ids training used (raw text training keeps the tokenizer's own)."""
+    from ..data.template_jinja import named_jinja, trained_chat_template
+    from ..data.templates import ALL_TEMPLATES
+
+    from ..stages import stage_of
+
+    if stage_of(config).reads <= {"text"}:
+        return
+    d = config.data
+    trained = trained_chat_template(d.template, d.instruction_tuned, d.add_input_output_demarcation_key)
+    if trained is None and not getattr(tokenizer, "chat_template", None):
+        trained = named_jinja(ALL_TEMPLATES["plain"])  # what lmtune renders for a tokenizer without one
+    if trained is not None:
+        tokenizer.chat_template = trained
+
+
 def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path, state: Optional[dict] = None) -> None:
     """Hugging Face / PEFT formats: a LoRA adapter, or a full model, with the tokenizer beside it.
     `state`: the whole weights of a sharded model, gathered."""
@@ -577,6 +595,7 @@ def save_final(model: Any, tokenizer: Any, config: Config, final_dir: Path, stat
     if getattr(model.config, "num_labels", None) == 1 and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a reward model: transformers finds the last token by it
     model.save_pretrained(final_dir, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+    carry_trained_template(tokenizer, config)
     tokenizer.save_pretrained(final_dir)
     meta = {
         "base_model": config.model.base_model,
