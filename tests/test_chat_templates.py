@@ -224,3 +224,55 @@ def test_family_formats_are_the_ones_the_families_ship(tiny_dir):
         messages = CONVERSATION[1:] if ours == "llama3" else CONVERSATION  # Llama 3.0 shows a system turn the same way
         for prefix in (messages[:2], messages[:4]):  # the prompts answers are generated from
             assert named.render(prefix, True) == own.render(prefix, True), ours
+
+
+def _trained_and_served(tmp_path, rows, settings, files=None):
+    """Train one step; return (the ids training used for the first row, what the saved tokenizer gives for it)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lmtune.config import load_config
+    from lmtune.data.pipeline import prepare
+    from lmtune.engine.loop import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    values = {"base_model": "builtin:tiny", "dataset": str(folder), "micro_batch_size": 2, "max_steps": 1,
+              "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False,
+              **settings}
+    path = tmp_path / "run.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()))
+    config = load_config(path)
+    result = train(config, tmp_path, quiet=True)
+    saved = AutoTokenizer.from_pretrained(result.final_dir)
+    trained = prepare(config, saved, 2048, tmp_path).train
+    return trained, saved
+
+
+SERVED_ROWS = [{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION}] * 2
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml", "qwen3", None])
+def test_the_saved_tokenizer_renders_what_training_used(template, tmp_path):
+    trained, saved = _trained_and_served(tmp_path, SERVED_ROWS, {"template": template} if template else {})
+    examples = {tuple(int(i) for i in e["input_ids"]): [int(i) for i in e["labels"]] for e in trained}
+    for row in SERVED_ROWS:
+        ids = saved.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+        assert tuple(ids) in examples  # token for token, BOS included or not as trained
+        labels = examples[tuple(ids)]
+        prompt = saved.apply_chat_template(row["messages"][:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
+        assert ids[: len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE  # served prompt, untrained
+        assert labels[len(prompt)] == ids[len(prompt)]  # and the answer, trained, starts right after it
+
+
+def test_a_jumpstart_run_saves_its_template_json_format(tmp_path):
+    rows = [{"question": f"What is {i}?", "answer": f"It is {i}."} for i in range(4)]
+    files = {"template.json": '{"prompt": "Question: {question}", "completion": "{answer}"}'}
+    trained, saved = _trained_and_served(tmp_path, rows, {"instruction_tuned": True,
+                                                          "add_input_output_demarcation_key": True}, files)
+    messages = [{"role": "user", "content": "Question: What is 0?"}, {"role": "assistant", "content": "It is 0."}]
+    assert saved.apply_chat_template(messages, tokenize=True, return_dict=False) == [int(i) for i in trained[0]["input_ids"]]

@@ -112,7 +112,31 @@ def explain_key(name: str) -> str:
     elsewhere = aliases.names_elsewhere(key)
     if elsewhere:
         lines.append("  Elsewhere: " + "; ".join(f"{tool}: {', '.join(ns)}" for tool, ns in elsewhere.items()))
+    if key in LISTINGS:
+        lines += LISTINGS[key]()
     return "\n".join(lines)
+
+
+def template_listing() -> list[str]:
+    """Every chat format, who uses it, and the other names that mean it."""
+    from ..data.templates import ALL_TEMPLATES, OWN_ONLY, OWN_TEMPLATE, TEMPLATE_NAMES
+
+    others: dict[str, list[str]] = {}
+    for written, meant in TEMPLATE_NAMES.items():
+        if written != meant:
+            others.setdefault(meant, []).append(written)
+    lines = ["  Formats (also written as):"]
+    for name, template in ALL_TEMPLATES.items():
+        also = f" (also {', '.join(others[name])})" if name in others else ""
+        lines.append(f"    {name}{also}: {template.family}")
+    for name, what in OWN_ONLY.items():
+        also = f" (also {', '.join(others[name])})" if name in others else ""
+        lines.append(f"    {name}{also}: {what}, rendered by the model's own chat template")
+    lines.append(f"    {OWN_TEMPLATE} (also {', '.join(others.get(OWN_TEMPLATE, []))}), or unset: the tokenizer's own chat template")
+    return lines
+
+
+LISTINGS: dict[str, Callable[[], list[str]]] = {"template": template_listing}
 
 
 # Commentary on specific values: (value, whole config) -> a sentence, or None for the generic text.

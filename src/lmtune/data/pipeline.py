@@ -32,7 +32,7 @@ from .records import (
 from .templates import pick_renderer
 from .tokenize import tokenize_records
 
-DATA_VERSION = "5"  # unpaired (kto) rows; prompts keep their other columns
+DATA_VERSION = "6"  # whole-text tokenisation with offset masks; reasoning and tool turns
 
 
 @dataclass
