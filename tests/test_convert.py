@@ -127,3 +127,83 @@ def test_migrating_doc_is_generated_from_the_tables():
 
     assert (ROOT / "docs" / "migrating.md").read_text() == migrating_markdown(), "run: lmtune convert --markdown > docs/migrating.md"
     assert "| `num_epochs` | `epochs` | same meaning |" in migrating_markdown()
+
+
+# What each tool runs for its own file: read off the file and the tool's documented defaults for keys it leaves out.
+# (method, precision, micro batch, accumulation, learning rate, epochs, scheduler, max length, stage, fsdp sharding)
+WHAT_THE_TOOL_RUNS = {
+    "axolotl/fft-8b-fsdp.yml": ("full", "bf16", 1, 1, 2e-5, 1, "cosine", 8192, "sft", "full_shard"),
+    "axolotl/instruct-dpo-lora-8b.yml": ("lora", "bf16", 2, 4, 2e-4, 4, "cosine", 4096, "dpo", None),
+    "axolotl/lora-8b.yml": ("lora", "bf16", 2, 4, 2e-4, 4, "cosine", 4096, "sft", None),
+    "axolotl/qlora.yml": ("qlora", "bf16", 2, 4, 2e-4, 4, "cosine", 4096, "sft", None),
+    "llamafactory/llama3_lora_dpo.yaml": ("lora", "bf16", 1, 8, 5e-6, 3, "cosine", 2048, "dpo", None),
+    "llamafactory/llama3_lora_ppo.yaml": ("lora", "bf16", 1, 8, 1e-5, 3, "cosine", 2048, "ppo", None),
+    "llamafactory/llama3_lora_pretrain.yaml": ("lora", "bf16", 1, 8, 1e-4, 3, "cosine", 2048, "pt", None),
+    "llamafactory/llama3_lora_reward.yaml": ("lora", "bf16", 1, 8, 1e-4, 3, "cosine", 2048, "rm", None),
+    "llamafactory/llama3_lora_sft.yaml": ("lora", "bf16", 1, 8, 1e-4, 3, "cosine", 2048, "sft", None),
+    "llamafactory/llama3_lora_sft_otfq.yaml": ("qlora", "bf16", 1, 8, 1e-4, 3, "cosine", 2048, "sft", None),
+    "llamafactory/qwen3_full_sft_fsdp.yaml": ("full", "bf16", 1, 2, 2e-5, 3, "cosine", 32768, "sft", None),
+    "torchtune/8B_lora_dpo.yaml": ("lora", "bf16", 4, 8, 5e-4, 1, "cosine", -1, "dpo", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHAT_THE_TOOL_RUNS))
+def test_a_converted_config_runs_what_the_tool_would(name):
+    from lmtune.config import resolve
+
+    conversion = convert(read_source(COMPAT / name), dataset_info=COMPAT / "llamafactory" / "dataset_info.json"
+                         if name == "llamafactory/llama3_lora_dpo.yaml" else None)
+    settings = {k: v for k, v in conversion.settings.items() if k not in ("dataset", "validation_dataset")}
+    resolved = resolve(data={**settings, "base_model": "builtin:tiny", "dataset": "data.jsonl"})
+    c = resolved.config
+    assert c is not None, resolved.problems
+    f, t, d = c.finetuning, c.training, c.data
+    resolved = (f.method, c.precision.precision, t.micro_batch_size, t.gradient_accumulation_steps, float(t.learning_rate),
+                t.epochs, t.lr_scheduler, d.max_input_length, f.stage,
+                c.distributed.fsdp_sharding_strategy if c.distributed.enable_fsdp else None)
+    assert resolved == WHAT_THE_TOOL_RUNS[name]
+
+
+def test_deepspeed_zero_configs_become_fsdp_of_the_same_sharding(tmp_path):
+    zero3 = tmp_path / "ds_z3_offload_config.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    for value, expected in (
+        (str(zero3), {"enable_fsdp": True, "fsdp_sharding_strategy": "full_shard", "fsdp_offload_params": True}),
+        ("examples/deepspeed/ds_z3_config.json", {"enable_fsdp": True, "fsdp_sharding_strategy": "full_shard"}),
+        ("deepspeed_configs/zero2.json", {"enable_fsdp": True, "fsdp_sharding_strategy": "shard_grad_op"}),
+        ({"zero_optimization": {"stage": 1}}, {"enable_fsdp": True, "fsdp_sharding_strategy": "shard_grad_op"}),
+    ):
+        conversion = convert({"model_name_or_path": "x", "stage": "sft", "deepspeed": value}, "llamafactory")
+        assert {k: conversion.settings[k] for k in expected} == expected and not conversion.of_kind("unsupported")
+
+
+def test_llamafactory_dataset_names_without_dataset_info_are_refused_by_check_in_one_line(tmp_path, capsys):
+    out = tmp_path / "c.yaml"
+    source = tmp_path / "sft.yaml"
+    source.write_text("model_name_or_path: builtin:tiny\nstage: sft\nfinetuning_type: lora\ndataset: alpaca_en_demo\n"
+                      f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["convert", str(source), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(out)]) == 1
+    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "alpaca_en_demo is a LLaMA-Factory dataset name" in errors[0] and "--dataset-info" in errors[0]
+
+
+def test_every_template_name_other_tools_write_converts_to_a_config_check_accepts(tmp_path, capsys):
+    from lmtune.data.templates import TEMPLATE_NAMES
+
+    names = ["llama2", "llama3", "qwen", "qwen2", "qwen_25", "qwen3", "qwen3_nothink", "gemma", "gemma2", "gemma3", "phi3",
+             "phi_3", "phi4", "mistral", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "deepseek",
+             "deepseek3", "deepseekr1", "glm4", "cohere", "gpt", "zephyr", "vicuna", "chatml", "alpaca", "tokenizer_default"]
+    assert set(names) <= set(TEMPLATE_NAMES)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    for tool, key in (("llamafactory", "template"), ("axolotl", "chat_template")):
+        for name in names:
+            raw = ({"model_name_or_path": "builtin:tiny", "stage": "sft", "template": name} if tool == "llamafactory"
+                   else {"base_model": "builtin:tiny", "adapter": "lora", "chat_template": name})
+            settings = convert(raw, tool).settings
+            out = tmp_path / "c.yaml"
+            out.write_text(yaml.safe_dump({**settings, "dataset": str(data), "output_dir": str(tmp_path / "run")}))
+            assert main(["check", str(out)]) == 0, (tool, name, capsys.readouterr().out)
+            capsys.readouterr()

@@ -163,7 +163,8 @@ def run_convert(args: argparse.Namespace) -> int:
         print("error: convert: give the config file to convert", file=sys.stderr)
         return 1
     source = Path(args.file)
-    conversion = convert(read_source(source), args.source, Path(args.dataset_info) if args.dataset_info else None)
+    conversion = convert(read_source(source), args.source, Path(args.dataset_info) if args.dataset_info else None,
+                         source.resolve().parent)
     text = to_yaml(conversion, source.name)
     if args.out:
         Path(args.out).write_text(text)

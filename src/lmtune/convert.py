@@ -14,6 +14,7 @@ dataset names.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -256,11 +257,15 @@ def _torchtune_dataset(rest: dict[str, Any], entries: list[Entry]) -> None:
 # -- LLaMA-Factory's dataset names ----------------------------------------------------------------------
 
 
+LLAMAFACTORY_NAME = "llamafactory:"  # a dataset_info.json name written out unresolved; `check` refuses it in one line
+
+
 def _llamafactory_dataset(names: Any, info_path: Optional[Path]) -> Entry:
     listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
     if info_path is None:
-        return Entry("dataset", names, "changed", {"dataset": listed},
-                     "names kept as given: pass --dataset-info dataset_info.json to resolve them to files and columns")
+        return Entry("dataset", names, "unsupported", {"dataset": [LLAMAFACTORY_NAME + n for n in listed]},
+                     "LLaMA-Factory dataset names, not files: pass --dataset-info PATH/dataset_info.json to resolve them "
+                     "to files and columns (`check` refuses them until then)")
     try:
         info = json.loads(info_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -328,8 +333,72 @@ def _generic(name: str, value: Any) -> Entry:
     return Entry(name, value, "unsupported", {}, "no lmtune setting has this meaning")
 
 
-def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_info: Optional[Path]) -> Optional[Entry]:
+ZERO_STAGE = re.compile(r"(?:zero|z)[_-]?([0-3])", re.IGNORECASE)
+ZERO_SHARDING = {3: "full_shard", 2: "shard_grad_op", 1: "shard_grad_op"}
+
+
+def _deepspeed(value: Any, folder: Optional[Path]) -> Entry:
+    """A DeepSpeed config (a JSON file, its name, or the mapping) as the FSDP settings of the same sharding."""
+    settings: Any = value if isinstance(value, dict) else None
+    if isinstance(value, str):
+        for candidate in (Path(value), (folder or Path(".")) / value):
+            if candidate.is_file():
+                try:
+                    settings = json.loads(candidate.read_text())
+                except (OSError, json.JSONDecodeError):
+                    settings = None
+                break
+    zero = (settings or {}).get("zero_optimization", {}) if isinstance(settings, dict) else {}
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    named = ZERO_STAGE.search(str(value)) if isinstance(value, str) else None
+    if stage is None and named:
+        stage = int(named.group(1))
+    if not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        return Entry("deepspeed", value, "unsupported", {}, aliases.UNSUPPORTED["deepspeed"] +
+                     " (no ZeRO stage found in it to translate)")
+    if stage == 0:
+        return Entry("deepspeed", value, "changed", {}, "ZeRO stage 0 shards nothing: plain data parallel, lmtune's default")
+    offload = any(isinstance(zero.get(k), dict) and zero[k].get("device") == "cpu" for k in ("offload_param", "offload_optimizer"))
+    offload = offload or (isinstance(value, str) and "offload" in value.lower())
+    out: dict[str, Any] = {"enable_fsdp": True, "fsdp_sharding_strategy": ZERO_SHARDING[stage]}
+    if offload:
+        out["fsdp_offload_params"] = True
+    why = {3: "ZeRO-3 shards weights, gradients and optimizer state: FSDP full_shard",
+           2: "ZeRO-2 shards gradients and optimizer state: FSDP shard_grad_op",
+           1: "ZeRO-1 shards optimizer state only; FSDP's nearest is shard_grad_op (it shards gradients too)"}[stage]
+    return Entry("deepspeed", value, "changed", out, why + ("; its CPU offload: fsdp_offload_params" if offload else ""))
+
+
+# What each tool does when a key is left out, where lmtune's own default differs: written out by convert.
+TOOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llamafactory": {"learning_rate": 5e-5, "epochs": 3.0, "micro_batch_size": 8, "max_input_length": 2048,
+                     "lora_dropout": 0.0},
+    "axolotl": {"method": "full", "max_input_length": 512, "lr_scheduler": "cosine", "optimizer": "adamw_torch_fused",
+                "lora_dropout": 0.0},
+}
+DEFAULT_WHY = {
+    ("axolotl", "method"): "no adapter: Axolotl fine-tunes every weight",
+}
+
+
+def _tool_defaults(source: str, settings: dict[str, Any]) -> list[Entry]:
+    """The tool's defaults for keys the config leaves out, as entries (lmtune's defaults differ)."""
+    out = []
+    for key, value in TOOL_DEFAULTS.get(source, {}).items():
+        if key in settings:
+            continue
+        if key == "lora_dropout" and settings.get("method", TOOL_DEFAULTS[source].get("method", "lora")) == "full":
+            continue
+        why = DEFAULT_WHY.get((source, key), f"{aliases.TOOL_LABEL.get(source, source)}'s default when the key is left out")
+        out.append(Entry(f"({key} left out)", "", "changed", {key: value}, why))
+    return out
+
+
+def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_info: Optional[Path],
+             folder: Optional[Path] = None) -> Optional[Entry]:
     """Keys whose meaning depends on the tool, or that the generic tables do not hold."""
+    if name == "deepspeed" and isinstance(value, (str, dict)) and value:
+        return _deepspeed(value, folder)
     if source == "llamafactory" and name == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
         return Entry(name, value, "changed", {"warmup_ratio": value}, "a fraction below 1 is a share of the run: warmup_ratio")
     if source == "llamafactory" and name == "dataset":
@@ -375,17 +444,45 @@ def _special(source: str, name: str, value: Any, raw: dict[str, Any], dataset_in
     return None
 
 
-def convert(raw: dict[str, Any], source: Optional[str] = None, dataset_info: Optional[Path] = None) -> Conversion:
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _dataset_info_beside(raw: dict[str, Any], folder: Optional[Path]) -> Optional[Path]:
+    """LLaMA-Factory's dataset_info.json in the config's dataset_dir (its default: data), when it is there."""
+    if folder is None:
+        return None
+    inside = str(raw.get("dataset_dir") or "data")
+    for candidate in (folder / inside, folder.parent / inside, Path(inside), folder):
+        if (candidate / "dataset_info.json").is_file():
+            return candidate / "dataset_info.json"
+    return None
+
+
+def convert(raw: dict[str, Any], source: Optional[str] = None, dataset_info: Optional[Path] = None,
+            folder: Optional[Path] = None) -> Conversion:
+    """`folder`: where the file came from (its dataset_info.json and DeepSpeed configs are looked for there)."""
     if not isinstance(raw, dict) or not raw:
         raise ConvertError("convert: the file holds no settings (an empty file, or not a mapping of keys)")
     source = source or detect(raw)
+    if source == "llamafactory" and dataset_info is None:
+        dataset_info = _dataset_info_beside(raw, folder)
+        names = raw.get("dataset") or ""
+        listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+        if dataset_info is not None and not set(listed) <= set(_read_info(dataset_info)):
+            dataset_info = None  # found, but it lists other datasets: the names stay unresolved, and check says so
     entries: list[Entry] = []
     rest = raw
     if source == "torchtune":
         entries, rest = _torchtune(raw)
     for name, value in rest.items():
-        entry = _special(source, str(name), value, raw, dataset_info) or _generic(str(name), value)
+        entry = _special(source, str(name), value, raw, dataset_info, folder) or _generic(str(name), value)
         entries.append(entry)
+    entries += _tool_defaults(source, {k: v for e in entries for k, v in e.settings.items()})
     settings: dict[str, Any] = {}
     for entry in entries:
         for key, value in entry.settings.items():

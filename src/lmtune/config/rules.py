@@ -250,7 +250,11 @@ def data_settings(r: "Resolved") -> list[Problem]:
             candidate = Path(where).expanduser()
             if not candidate.is_absolute() and not candidate.exists():
                 candidate = base / candidate
-            if looks_local and not candidate.exists():
+            if where.startswith("llamafactory:"):  # written by `lmtune convert` without the dataset_info.json
+                out.append(Problem("error", key, f"{where[len('llamafactory:'):]} is a LLaMA-Factory dataset name, not a file "
+                                                 "or hub id; run `lmtune convert` again with --dataset-info "
+                                                 "PATH/dataset_info.json (LLaMA-Factory's data/dataset_info.json)"))
+            elif looks_local and not candidate.exists():
                 out.append(Problem("error", key, f"{where}: no such file or folder; check the path"))
             elif not candidate.exists() and not HUB_ID.fullmatch(where):
                 out.append(Problem("error", key, f"{where!r} is neither a file or folder here nor a hub dataset id "

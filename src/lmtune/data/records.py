@@ -189,7 +189,13 @@ def _read_hub(name: str, split: str) -> Iterator[Row]:
     """The ordinary `datasets` path for hub ids; never reached offline in tests."""
     from datasets import load_dataset
 
-    for number, item in enumerate(load_dataset(name, split=split), 1):
+    try:
+        loaded = load_dataset(name, split=split)
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:  # offline, a typo, a private dataset
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"dataset: {name} cannot be loaded from the Hugging Face Hub ({first}); check the name, that "
+                        "this machine is online, or give a local file") from None
+    for number, item in enumerate(loaded, 1):
         yield Row(dict(item), f"{name} row {number}")
 
 
