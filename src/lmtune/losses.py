@@ -9,6 +9,8 @@ backward pass instead of being kept.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -49,18 +51,29 @@ def rows_read(keep: torch.Tensor) -> torch.Tensor | None:
     return F.pad(keep, (0, 1)).reshape(-1).nonzero().squeeze(1)
 
 
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, router: Optional[list] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token cross-entropy of each trained position, the trained-position mask over labels[:, 1:]);
-    `temperature` divides the logits first (the distribution an RL stage sampled from)."""
+    `temperature` divides the logits first (the distribution an RL stage sampled from). With a `router` list,
+    a mixture-of-experts model's router logits are appended to it (for its load-balancing loss)."""
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     inputs = attention_inputs(batch, getattr(model.config, "_attn_implementation", None))
+    if router is not None:
+        inputs["output_router_logits"] = True
     if not uses_plain_head(model):
-        logits = _tempered(model(**inputs, use_cache=False).logits[:, :-1].float(), temperature)
+        out = model(**inputs, use_cache=False)
+        if router is not None:
+            router.append(out.router_logits)
+        logits = _tempered(out.logits[:, :-1].float(), temperature)
         return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
     decoder = model.get_decoder()
-    with feed_forward_only_at(decoder, rows_read(keep)):
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    with feed_forward_only_at(decoder, rows_read(keep) if router is None else None):
+        out = decoder(**inputs, use_cache=False)
+    if router is not None:
+        router.append(out.router_logits)
+    hidden = out.last_hidden_state[:, :-1]
     return _head_losses(model, hidden[keep], targets[keep], temperature), keep
 
 

@@ -75,7 +75,8 @@ CPU_PASS_S = 0.003  # per micro batch: the embedding, the loss, the Python aroun
 CPU_LAYER_S = 0.002  # per decoder layer per micro batch: its kernels' dispatch and autograd's bookkeeping
 CPU_ADAPTER_S = 0.0015  # per LoRA-adapted linear layer per micro batch: its two small products and dropout
 CPU_UPDATE_BYTES_PER_S = 24e9  # the optimizer update streams each trained weight, its gradient and its states
-GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere"}
+GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "olmo", "olmo2", "granite", "cohere",
+         "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4", "glm4_moe"}
 # Model types whose RMS norms lmtune computes in one autograd function (model/rms_norm.py), keeping no normalised output.
 FUSED_RMS_NORMS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite"}
 OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adam": 8, "adamw_8bit": 2, "rmsprop": 4, "adafactor": 0.5}
@@ -86,6 +87,33 @@ class PlanError(UserError, ValueError):
 
 
 # -- the model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experts:
+    """A mixture of experts' feed-forward: routed experts (top_k of them per token), shared ones, and the first
+    dense blocks that have an ordinary feed-forward instead."""
+
+    count: int
+    top_k: int
+    intermediate: int
+    shared_intermediate: int = 0  # all shared experts together (DeepSeek, GLM-4.5, Qwen2-MoE)
+    dense_blocks: tuple[int, ...] = ()
+    biases: bool = False  # GPT-OSS: expert and router biases
+
+    def weights(self, hidden: int) -> int:
+        return self.count * 3 * hidden * self.intermediate
+
+
+@dataclass
+class Latent:
+    """DeepSeek's multi-head latent attention: queries and keys-values through low-rank projections."""
+
+    q_rank: int  # 0: a full-rank q_proj
+    kv_rank: int
+    rope_dim: int
+    nope_dim: int
+    v_dim: int
 
 
 @dataclass
@@ -102,38 +130,108 @@ class Shape:
     qkv_bias: bool
     context: int
     model_type: str
+    experts: Optional[Experts] = None
+    latent: Optional[Latent] = None
 
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def layer_linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one block, by lmtune's target names."""
-        q = self.heads * self.head_dim
-        out = {"q_proj": (self.hidden, q), "k_proj": (self.hidden, self.kv_dim), "v_proj": (self.hidden, self.kv_dim), "o_proj": (q, self.hidden)}
+    def attention_linears(self) -> dict[str, tuple[int, int]]:
+        heads, d = self.heads, self.hidden
+        if self.latent is not None:
+            a = self.latent
+            qk = a.rope_dim + a.nope_dim
+            q = {"q_a_proj": (d, a.q_rank), "q_b_proj": (a.q_rank, heads * qk)} if a.q_rank else {"q_proj": (d, heads * qk)}
+            return {**q, "kv_a_proj_with_mqa": (d, a.kv_rank + a.rope_dim),
+                    "kv_b_proj": (a.kv_rank, heads * (a.nope_dim + a.v_dim)), "o_proj": (heads * a.v_dim, d)}
+        q = heads * self.head_dim
+        return {"q_proj": (d, q), "k_proj": (d, self.kv_dim), "v_proj": (d, self.kv_dim), "o_proj": (q, d)}
+
+    def feed_forward_linears(self, intermediate: int) -> dict[str, tuple[int, int]]:
         if self.gated:
-            out.update(gate_proj=(self.hidden, self.intermediate), up_proj=(self.hidden, self.intermediate), down_proj=(self.intermediate, self.hidden))
-        else:
-            out.update(up_proj=(self.hidden, self.intermediate), down_proj=(self.intermediate, self.hidden))
+            return {"gate_proj": (self.hidden, intermediate), "up_proj": (self.hidden, intermediate), "down_proj": (intermediate, self.hidden)}
+        return {"up_proj": (self.hidden, intermediate), "down_proj": (intermediate, self.hidden)}
+
+    def is_dense(self, block: int) -> bool:
+        return self.experts is None or block in self.experts.dense_blocks
+
+    def layer_linears(self, block: Optional[int] = None) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one block (the last by default), by lmtune's target names; a mixture
+        of experts' block lists its router and shared experts (the routed experts are 3-D weights apart)."""
+        block = self.layers - 1 if block is None else block
+        out = self.attention_linears()
+        if self.is_dense(block):
+            return {**out, **self.feed_forward_linears(self.intermediate)}
+        e = self.experts
+        out["router" if e.biases else "gate"] = (self.hidden, e.count)
+        if e.shared_intermediate:
+            out.update(self.feed_forward_linears(e.shared_intermediate))
         return out
 
-    def layer_parameters(self) -> int:
-        weights = sum(i * o for i, o in self.layer_linears().values())
+    def block_parameters(self, block: int) -> int:
+        linears = self.layer_linears(block)
+        weights = sum(i * o for i, o in linears.values())
+        attention = self.attention_linears()
         biases = (self.heads * self.head_dim + 2 * self.kv_dim) if self.qkv_bias else 0
         if self.model_type == "gpt_neox":  # every linear layer has a bias, norms are LayerNorms (scale + bias)
-            biases = sum(o for _, o in self.layer_linears().values())
+            biases = sum(o for _, o in linears.values())
             return weights + biases + 4 * self.hidden
+        if self.model_type == "gpt_oss":  # biases on every attention layer, attention sinks (one per head)
+            biases = sum(o for _, o in attention.values()) + self.heads
         norms = 2 * self.hidden
-        if self.model_type in ("gemma2", "gemma3_text"):
+        if self.model_type in ("gemma2", "gemma3_text", "glm4"):
             norms = 4 * self.hidden  # pre- and post-norms around attention and feed-forward
-        if self.model_type == "qwen3" or self.model_type == "gemma3_text":
+        if self.model_type in ("qwen3", "gemma3_text", "qwen3_moe"):
             norms += 2 * self.head_dim  # per-head q and k norms
+        if self.latent is not None:
+            norms += self.latent.kv_rank + self.latent.q_rank  # the low-rank projections' norms
+        if not self.is_dense(block):
+            e = self.experts
+            weights += e.weights(self.hidden)
+            if e.biases:  # each expert's gate_up and down biases, and the router's
+                biases += e.count * (2 * e.intermediate + self.hidden) + e.count
         return weights + biases + norms
+
+    def layer_parameters(self) -> int:
+        """One block's parameters (the last: the one freeze trains first)."""
+        return self.block_parameters(self.layers - 1)
 
     def parameters(self) -> int:
         embed = self.vocab * self.hidden
         final_norm = 2 * self.hidden if self.model_type == "gpt_neox" else self.hidden
-        return embed + (0 if self.tied else embed) + self.layers * self.layer_parameters() + final_norm
+        blocks = sum(self.block_parameters(block) for block in range(self.layers))
+        return embed + (0 if self.tied else embed) + blocks + final_norm
+
+    def active_parameters(self) -> int:
+        """What one token computes with: every weight but the routed experts it is not sent to."""
+        if self.experts is None:
+            return self.parameters()
+        e = self.experts
+        sparse = sum(not self.is_dense(block) for block in range(self.layers))
+        return self.parameters() - sparse * e.weights(self.hidden) * (e.count - e.top_k) // e.count
+
+
+def _experts_of(text: dict[str, Any], hidden: int) -> Optional[Experts]:
+    """The mixture of experts in a config, under each family's names; None for a dense model."""
+    count = next((text[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if text.get(k)), 0)
+    if count <= 1:
+        return None
+    layers = text["num_hidden_layers"]
+    intermediate = text.get("moe_intermediate_size") or text.get("intermediate_size") or 4 * hidden
+    shared = (text.get("n_shared_experts") or 0) * intermediate or (text.get("shared_expert_intermediate_size") or 0)
+    dense = set(range(text.get("first_k_dense_replace") or 0)) | set(text.get("mlp_only_layers") or [])
+    step = text.get("decoder_sparse_step") or 1
+    dense |= {block for block in range(layers) if (block + 1) % step}
+    return Experts(count, text.get("num_experts_per_tok") or 2, intermediate, shared, tuple(sorted(dense)),
+                   biases=text.get("model_type") == "gpt_oss")
+
+
+def _latent_of(text: dict[str, Any]) -> Optional[Latent]:
+    if not text.get("kv_lora_rank"):
+        return None
+    return Latent(text.get("q_lora_rank") or 0, text["kv_lora_rank"], text.get("qk_rope_head_dim") or 0,
+                  text.get("qk_nope_head_dim") or 0, text.get("v_head_dim") or 0)
 
 
 def read_model_config(base_model: str) -> dict[str, Any]:
@@ -180,9 +278,11 @@ def shape_of(raw: dict[str, Any]) -> Shape:
         intermediate=text.get("intermediate_size") or 4 * hidden,
         gated=model_type in GATED,
         tied=bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", model_type in ("gemma", "gemma2", "gemma3_text")))),
-        qkv_bias=bool(text.get("attention_bias", model_type == "qwen2")),
+        qkv_bias=bool(text.get("attention_bias", model_type == "qwen2")) and model_type != "gpt_oss",
         context=text.get("max_position_embeddings", 2048),
         model_type=model_type,
+        experts=_experts_of(text, hidden),
+        latent=_latent_of(text),
     )
 
 
@@ -217,9 +317,9 @@ def _lora_targets(shape: Shape, targets: list[str]) -> list[str]:
     chosen: list[str] = []
     for target in targets:
         if target in ("all", "all-linear"):
-            chosen += names
+            chosen += [n for n in names if n not in ("gate", "router")]  # as training: routers are left alone
         elif target == "attention":
-            chosen += ["q_proj", "k_proj", "v_proj", "o_proj"]
+            chosen += list(shape.attention_linears())
         elif target in ("mlp", "ff"):
             chosen += [n for n in names if n in ("gate_proj", "up_proj", "down_proj")]
         elif target in names:
@@ -310,7 +410,7 @@ def estimate(config: Any, shape: Shape, device_name: str, devices: int, memory_g
     frozen_matmul = 4 if adapters or f.method == "freeze" else 6
     checkpoint_extra = 2 if t.gradient_checkpointing else 0
     trained_matmul = trainable if f.method != "full" else 0
-    flops_per_token = (frozen_matmul + checkpoint_extra) * (total - trained_matmul) + (6 + checkpoint_extra) * trained_matmul
+    flops_per_token = (frozen_matmul + checkpoint_extra) * (shape.active_parameters() - trained_matmul) + (6 + checkpoint_extra) * trained_matmul
     flops_per_token += 12 * shape.layers * shape.hidden * tokens / 2  # causal attention over half the example on average
     if device_name == "cpu":
         peak, utilisation = cpu_peak_tflops(), UTILISATION["cpu"]

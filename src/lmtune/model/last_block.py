@@ -26,7 +26,9 @@ def _rows_forward(self: Any, hidden: torch.Tensor, *args: Any, **kwargs: Any) ->
     if rows is None or args or kwargs:
         return type(self).forward(self, hidden, *args, **kwargs)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    picked = type(self).forward(self, flat.index_select(0, rows))
+    # As one sequence of the picked rows: mixture-of-experts blocks read (batch, positions, hidden); each token is
+    # routed on its own, so the picked rows give what they give in the whole batch.
+    picked = type(self).forward(self, flat.index_select(0, rows)[None]).reshape(len(rows), -1)
     out = picked.new_zeros(flat.shape[0], picked.shape[-1]).index_copy(0, rows, picked)
     return out.view(*hidden.shape[:-1], picked.shape[-1])
 

@@ -14,6 +14,7 @@ MLP_WORDS = ("mlp", "feed_forward", "ffn")
 
 
 REWARD_HEADS = ("score", "classifier")  # scalar heads: trained whole, never given adapters
+ROUTERS = ("gate", "router")  # a mixture of experts' router (Llama's gate_proj is a feed-forward layer)
 
 
 def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -29,26 +30,42 @@ def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
+def expert_weights(model: torch.nn.Module) -> list[str]:
+    """The fused expert weights of a mixture of experts (3-D parameters of its `experts` modules), as
+    `experts.<name>`: what LoRA's `experts` group adapts (peft's target_parameters)."""
+    found = set()
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if param.dim() == 3 and len(parts) >= 2 and parts[-2] == "experts":
+            found.add(f"experts.{parts[-1]}")
+    return sorted(found)
+
+
 def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """Leaf names to wrap, from module names and the groups attention / mlp / ff / all."""
+    """Leaf names to wrap, from module names and the groups attention / mlp / ff / all. The groups leave a
+    mixture of experts' router alone (adapting how tokens are routed unsettles training); name it to adapt it."""
     layers = linear_layers(model)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    grouped = [n for n in layers if n.rsplit(".", 1)[-1] not in ROUTERS]
     chosen: set[str] = set()
     for item in wanted:
         if item == "all":
-            chosen |= set(leaves)
+            chosen |= {n.rsplit(".", 1)[-1] for n in grouped}
         elif item == "attention":
-            chosen |= {n.rsplit(".", 1)[-1] for n in layers if any(w in n for w in ATTENTION_WORDS)}
+            chosen |= {n.rsplit(".", 1)[-1] for n in grouped if any(w in n for w in ATTENTION_WORDS)}
         elif item in ("mlp", "ff"):
-            chosen |= {n.rsplit(".", 1)[-1] for n in layers if any(w in n for w in MLP_WORDS)}
+            chosen |= {n.rsplit(".", 1)[-1] for n in grouped if any(w in n for w in MLP_WORDS)}
+        elif item == "experts":
+            if not expert_weights(model):
+                raise ModelError("lora_target: experts names a mixture of experts' expert weights; this model has none")
         elif item in leaves:
             chosen.add(item)
         else:
             raise ModelError(
                 f"lora_target: this model has no linear layer named {item!r}; it has {', '.join(leaves)} "
-                "(or use the groups attention, mlp, all)"
+                "(or use the groups attention, mlp, all" + (", experts" if expert_weights(model) else "") + ")"
             )
-    if not chosen:
+    if not chosen and "experts" not in wanted:
         raise ModelError(f"lora_target: {wanted} selects no layer of this model; it has {', '.join(leaves)}")
     return sorted(chosen)
 
@@ -98,16 +115,28 @@ def apply_lora(model: torch.nn.Module, config: Config) -> Any:
             use_gradient_checkpointing=config.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    experts = expert_weights(model) if "experts" in f.lora_target else None
+    if experts and f.lora_dropout:
+        raise ModelError("lora_target: experts: peft's adapters on fused expert weights take no dropout; set lora_dropout: 0")
     lora = LoraConfig(
         r=f.lora_r,
         lora_alpha=f.lora_alpha if f.lora_alpha is not None else 2 * f.lora_r,
         lora_dropout=f.lora_dropout,
-        target_modules=lora_targets(model, f.lora_target),
+        target_modules=lora_targets(model, f.lora_target) or None,
+        target_parameters=experts,
         modules_to_save=f.lora_modules_to_save or None,
         # SEQ_CLS makes peft train the reward head whole and save it beside the adapter.
         task_type="SEQ_CLS" if _has_reward_head(model) else "CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        if "ParamWrapper" not in str(exc):
+            raise
+        # peft maps the names transformers 4 gave each expert's layers (down_proj, ...) onto the fused experts
+        raise ModelError(f"lora_target: on {model.config.model_type}, {', '.join(f.lora_target)} also adapts the fused expert "
+                         "weights (peft maps the feed-forward names onto them), whose adapters take no dropout; set "
+                         "lora_dropout: 0, or lora_target: attention") from None
     from .lora_forward import use_lean_lora
 
     use_lean_lora(model)  # peft's mathematics with less activation memory and fewer passes (see lora_forward)

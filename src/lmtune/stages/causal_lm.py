@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 batching = lazy("lmtune.data.batches")
 losses = lazy("lmtune.losses")
+router_loss = lazy("lmtune.model.router_loss")
 
 
 class CausalLM(Objective):
@@ -40,7 +41,15 @@ class CausalLM(Objective):
         )
 
     def summed_loss(self, model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
-        return losses.summed_token_loss(model, batch), {}
+        coef = router_loss.router_aux_coef(model)
+        if not coef:
+            return losses.summed_token_loss(model, batch), {}
+        # A mixture of experts with a load-balancing loss: added as its own forward adds it (per token, so the
+        # step's division by its token count leaves coef x the average).
+        found: list = []
+        per_token, keep = losses.token_losses(model, batch, router=found)
+        aux = router_loss.router_aux_loss(model, found[0], batch.get("attention_mask")) * keep.sum()
+        return per_token.sum() + coef * aux, {"router_aux_loss": aux.detach()}
 
     def count(self, batch: dict[str, "torch.Tensor"]) -> int:
         return losses.trained_tokens(batch["labels"])
