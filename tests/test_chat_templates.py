@@ -8,7 +8,8 @@ import pytest
 
 from lmtune.data.records import DataError, Row, normalise
 from lmtune.data.template_jinja import named_jinja
-from lmtune.data.templates import ALL_TEMPLATES, NamedFormat, Renderer, pick_renderer, without_reasoning
+from lmtune.data.templates import (ALL_TEMPLATES, REASONING_LEFT_OUT, NamedFormat, Renderer, pick_renderer,
+                                   without_reasoning)
 from lmtune.data.tokenize import IGNORE, encode_examples, tokenize_records
 
 trl = pytest.importorskip("trl")
@@ -52,7 +53,7 @@ def check_exact(tokenizer, messages):
     in an answer, the last is the whole conversation, and only the answers (with their end) are trained."""
     renderer = pick_renderer(tokenizer, None, False, False)
     examples = renderer.conversation(messages)
-    if renderer.notes:  # a thinking-off template: the model is served these answers without their reasoning
+    if renderer.notes[REASONING_LEFT_OUT]:  # a thinking-off template: the model is served these answers without reasoning
         messages = [without_reasoning(m) if m["role"] == "assistant" else m for m in messages]
     answers = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
     encoded = encode_examples(tokenizer, examples)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..data.templates import TEMPLATE_NAMES
 from .schema import KEY_GROUP, TOOLS, field_info
 
 TOOL_LABEL = {
@@ -69,6 +70,9 @@ VALUE_ALIASES: dict[str, dict[str, str]] = {
     "lr_scheduler": {"constant_schedule": "constant", "cosine_schedule": "cosine"},
     "eval_strategy": {"none": "no"},
 }
+
+# The template names LLaMA-Factory, Axolotl and model cards write, as lmtune's format names.
+VALUE_ALIASES["template"] = {written: meant for written, meant in TEMPLATE_NAMES.items() if written != meant}
 
 # Notes for value rewrites that change more than the spelling.
 # TRL writes scale_rewards as "group", "batch" or "none" too.

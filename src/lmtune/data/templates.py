@@ -22,6 +22,7 @@ from .records import DataError
 Segment = tuple[str, bool]  # (text, trained)
 
 DEMARCATION = "### Response:\n"
+ANSWER_APART = "answers trained as examples of their own: the chat template rewrites the turns before them"
 REASONING_LEFT_OUT = "kept without its reasoning: the chat template's generation prompt closes the <think> block"
 
 
@@ -168,7 +169,7 @@ OWN_ONLY = {"gpt-oss": "gpt-oss's harmony format (channels, a dated system heade
 # The names LLaMA-Factory, Axolotl and model cards write for the formats above.
 TEMPLATE_NAMES = {
     **{name: name for name in ALL_TEMPLATES},
-    "qwen": "qwen2.5", "qwen2": "qwen2.5", "qwen2_5": "qwen2.5", "qwen_25": "qwen2.5", "qwen25": "qwen2.5",
+    "qwen": "chatml", "qwen2": "qwen2.5", "qwen2_5": "qwen2.5", "qwen_25": "qwen2.5", "qwen25": "qwen2.5",
     "qwen3_think": "qwen3", "qwen3_no_think": "qwen3_nothink",
     "llama-3": "llama3", "llama3.1": "llama3", "llama3_1": "llama3", "llama3.2": "llama3", "llama-2": "llama2",
     "mistral_v1": "mistral", "mistral_v2v3": "mistral", "ministral": "mistral_v3_tekken", "mistral_small": "mistral_v7_tekken",
@@ -322,6 +323,7 @@ class Renderer:
             if not before.startswith(done):
                 done = self._trim_conversation_end(segments, done, before)
             if not before.startswith(done):  # earlier turns are shown differently now: a new example
+                self.notes[ANSWER_APART] += 1
                 segments.append((self._stop_after(messages[: answered + 1], tools), True))
                 examples.append(segments)
                 segments, done = [], ""

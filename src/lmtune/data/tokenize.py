@@ -128,9 +128,9 @@ def tokenize_sequences(
     records: list[dict[str, Any]], renderer: Renderer, tokenizer: Any, max_len: int, policy: str
 ) -> tuple[list[dict[str, list[int]]], Counter]:
     """sft, ppo and grpo records: one sequence each (one per answer where the template rewrites earlier turns)."""
+    renderer.notes.clear()
     rendered, outcomes = render_each(renderer.examples, records)
     outcomes.update(renderer.notes)
-    renderer.notes.clear()
     flat = [segments for examples in rendered if examples for segments in examples]
     encoded = iter(encode_examples(tokenizer, flat))
     examples = []

@@ -37,9 +37,13 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+    # peft's mapping of transformers 4 expert names onto fused experts leaves a rank pattern a model may not use
+    warnings.filterwarnings("ignore", message="The following alpha_pattern keys did not match", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match", category=RuntimeWarning)
     import logging
 
     logging.getLogger("bitsandbytes.autograd").setLevel(logging.ERROR)  # "MatMul8bitLt: inputs will be cast ..." per call
+
 
 def model_location(name: str) -> str:
     if is_builtin(name):
