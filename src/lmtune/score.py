@@ -68,9 +68,8 @@ def score_sequences(model: Any, sequences: list[list[int]], pad_id: int, batch_s
 def conversation_ids(tokenizer: Any, meta: dict[str, Any], prompt: str, answers: list[str]) -> list[list[int]]:
     """prompt + each answer as the rm run saw them in training: its template, its answer end."""
     renderer = pick_renderer(tokenizer, meta.get("template"), False, meta.get("add_input_output_demarcation_key", False))
-    prompt_text = "".join(text for text, _ in renderer.chat([{"role": "user", "content": prompt}], add_answer_prefix=True))
-    prompt_ids = encode_batch(tokenizer, [prompt_text])[0]
-    return [prompt_ids + ids for ids in encode_batch(tokenizer, [a + renderer.answer_end() for a in answers])]
+    texts = [renderer.prompt_and_answer([{"role": "user", "content": prompt}], answer) for answer in answers]
+    return encode_batch(tokenizer, [prompt_text + answer_text for prompt_text, answer_text in texts])
 
 
 def rows_of(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
