@@ -18,6 +18,15 @@ def reversed_digits(prompts, answers):
     return out
 
 
+def digit_share(prompts, answers):
+    """The share of an answer's characters (spaces aside) that are digits."""
+    out = []
+    for answer in answers:
+        characters = [c for c in answer if not c.isspace()]
+        out.append(sum(c.isdigit() for c in characters) / max(len(characters), 1))
+    return out
+
+
 def short_answer(completions, **kwargs):
     """For `stage: grpo` (called TRL's way, with keywords): 1 for an answer of at most 4 words, less beyond."""
     return [min(1.0, 4 / max(len(c.split()), 1)) for c in completions]

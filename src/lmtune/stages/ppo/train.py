@@ -180,7 +180,7 @@ class PPORecipe:
                         self.run.accelerator.backward(per_token.sum() * self.world / max(tokens, 1))
                     step_loss += per_token.sum().detach().double()
                     parts += torch.stack([(pg * mask).sum(), (vf * mask).sum(), (clipped * mask).sum()]).detach().double()
-                summed, _, (pg_sum, vf_sum, clip_sum) = self.run.optimizer_step(step_loss, tokens, list(parts))
+                summed, _, (pg_sum, vf_sum, clip_sum) = self.run.optimizer_step(step_loss, tokens, list(parts), expect_gradient=False)
                 for name, value in zip(sums, (summed, pg_sum, vf_sum, clip_sum)):
                     sums[name] += value
                 tokens_seen += tokens
