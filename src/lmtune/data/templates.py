@@ -324,7 +324,7 @@ class Renderer:
                 done = self._trim_conversation_end(segments, done, before)
             if not before.startswith(done):  # earlier turns are shown differently now: a new example
                 self.notes[ANSWER_APART] += 1
-                segments.append((self._stop_after(messages[: answered + 1], tools), True))
+                segments.append((self._stop_after(segments, messages[: answered + 1], tools), True))
                 examples.append(segments)
                 segments, done = [], ""
             prompt = before[len(done):]
@@ -337,7 +337,7 @@ class Renderer:
         if tail.startswith(done) and len(tail) > len(done) and messages[-1]["role"] != "assistant":
             segments.append((tail[len(done):], self.train_on_inputs))
         elif answered == len(messages) - 1:
-            segments.append((self._stop_after(messages, tools), True))
+            segments.append((self._stop_after(segments, messages, tools), True))
         examples.append(segments)
         return [[s for s in example if s[0]] for example in examples if any(s[0] for s in example)]
 
@@ -358,12 +358,10 @@ class Renderer:
             return ""
         return next((m for m in self._markers() if prompt.startswith(m)), "")
 
-    def _stop_after(self, messages: list[dict[str, Any]], tools: Optional[list]) -> str:
-        """For the last answer of `messages`, when it ends in no marker: the marker a next user turn opens with."""
-        if self.template is not None or not messages:
-            return ""
-        text = self.render(messages, False, tools)
-        if self._ends_with_marker(text):
+    def _stop_after(self, segments: list[Segment], messages: list[dict[str, Any]], tools: Optional[list]) -> str:
+        """For the last answer of `messages` (the last of `segments`), when it ends in no marker: the marker a next
+        user turn opens with."""
+        if self.template is not None or not messages or not segments or self._ends_with_marker(segments[-1][0]):
             return ""
         try:
             more = self.render(messages + [{"role": "user", "content": "\x00"}], False, tools)
