@@ -333,7 +333,8 @@ class DataArgs(Group):
     )
     preprocessing_num_workers: Optional[int] = setting(
         None,
-        "Processes that tokenise the data; unset means one.",
+        "Processes that tokenise the data; unset means one per CPU core (at most 8) for 20,000 rows or more, "
+        "one below that (starting a worker costs more than it saves on small data).",
         ge=1,
         jumpstart=("preprocessing_num_workers",),
         axolotl=("dataset_processes",),

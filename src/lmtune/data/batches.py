@@ -112,6 +112,12 @@ class Sequences:
         """Tokens the example lays out: what packing to a length and grouping by length read."""
         return len(example["input_ids"])
 
+    def lengths(self, examples: Sequence[dict[str, Any]]) -> list[int]:
+        """Every example's length; from the cache's offsets alone when the examples are mapped columns."""
+        if hasattr(examples, "field_lengths") and type(self).length is Sequences.length:
+            return examples.field_lengths("input_ids").tolist()
+        return [self.length(e) for e in examples]
+
     def sequences(self, examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The sequences (input_ids, labels) a micro batch of examples lays out."""
         return list(examples)
@@ -157,6 +163,8 @@ class Batches:
         self.group_by_length = group_by_length
 
     def lengths(self) -> list[int]:
+        if hasattr(self.shape, "lengths"):
+            return self.shape.lengths(self.examples)
         return [self.shape.length(e) for e in self.examples]
 
     def __len__(self) -> int:

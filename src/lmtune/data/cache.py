@@ -1,68 +1,154 @@
 """Tokenised examples on disk, keyed by a fingerprint of data, settings and tokenizer.
 
-Each split is one `.npz` holding, per field, all tokens in one int32 array and
-the offsets of each example, so loading costs a file read, not a re-tokenisation.
+Each split's fields are columns: all of a field's tokens in one flat file and
+the offsets of each example in another. Training maps the files rather than
+loading them, so a run holds only the pages it reads, and every process on a
+host shares one copy through the page cache. Examples are written a chunk at a
+time as they are tokenised, so building the cache holds one chunk, not the
+dataset. The folder is written aside and renamed into place (atomic), and
+`summary.json` records each file's size and CRC-32: a truncated or damaged
+file is found on the next start and the cache is rebuilt, with a note.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import zlib
+from array import array
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..staged_folder import staged_folder
-
 DEFAULT_DIR = ".lmtune-cache"
 FLOAT_FIELDS = ("margin",)  # every other field holds token ids or labels, or (columns) the bytes of a JSON text
+SPLITS = ("train", "val")
 
 
 def folder(cache_dir: Optional[str], key: str) -> Path:
     return Path(cache_dir or DEFAULT_DIR) / "data" / key
 
 
-def _pack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
-    if not examples:
-        return arrays
-    for name in examples[0]:
-        lengths = np.fromiter((len(e[name]) for e in examples), dtype=np.int64, count=len(examples))
-        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.empty(int(offsets[-1]), dtype=np.float32 if name in FLOAT_FIELDS else np.int32)
-        for example, start, end in zip(examples, offsets[:-1], offsets[1:]):
-            flat[start:end] = example[name]
-        arrays[f"{name}.tokens"], arrays[f"{name}.offsets"] = flat, offsets
-    return arrays
+def _dtype(name: str) -> Any:
+    return np.float32 if name in FLOAT_FIELDS else np.int32
 
 
-def _unpack(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    names = sorted({key.rsplit(".", 1)[0] for key in arrays})
-    if not names:
-        return []
-    columns = {name: (arrays[f"{name}.tokens"], arrays[f"{name}.offsets"]) for name in names}
-    count = len(columns[names[0]][1]) - 1
-    return [
-        {name: tokens[offsets[i] : offsets[i + 1]] for name, (tokens, offsets) in columns.items()}
-        for i in range(count)
-    ]
+class Columns(Sequence):
+    """A split's examples, read from the mapped files: `columns[i]` is a dict of numpy views."""
+
+    def __init__(self, source: Path, split: str, fields: list[str]):
+        self.fields = fields
+        self._tokens = {f: _mapped(source / f"{split}.{f}.bin", _dtype(f)) for f in fields}
+        self._offsets = {f: np.load(source / f"{split}.{f}.offsets.npy", mmap_mode="r") for f in fields}
+        self._count = len(self._offsets[fields[0]]) - 1 if fields else 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Union[int, slice]) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        out = {}
+        for name in self.fields:
+            offsets = self._offsets[name]
+            out[name] = self._tokens[name][int(offsets[index]) : int(offsets[index + 1])]
+        return out
+
+    def field_lengths(self, name: str) -> np.ndarray:
+        """Each example's length in one field, from the offsets alone."""
+        return np.diff(self._offsets[name])
 
 
-def save(target: Path, train: list, val: list, summary: dict[str, Any]) -> tuple[list, list]:
-    """Write atomically; returns the examples in the form `load` gives them, so a
-    run that builds the cache trains on exactly what a later run reads."""
-    packed_train, packed_val = _pack(train), _pack(val)
-    with staged_folder(target) as staging:
-        np.savez(staging / "train.npz", **packed_train)
-        np.savez(staging / "val.npz", **packed_val)
-        (staging / "summary.json").write_text(json.dumps(summary))
-    return _unpack(packed_train), _unpack(packed_val)
+def _mapped(path: Path, dtype: Any) -> np.ndarray:
+    if path.stat().st_size == 0:  # an empty file cannot be mapped
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
-def load(source: Path) -> Optional[tuple[list, list, dict[str, Any]]]:
+class Writer:
+    """Appends a split's examples, a chunk at a time, to its column files in `target`."""
+
+    def __init__(self, target: Path, split: str):
+        self.target, self.split = target, split
+        self.fields: Optional[list[str]] = None
+        self._files: dict[str, Any] = {}
+        self._offsets: dict[str, array] = {}
+
+    def add(self, examples: list[dict[str, Any]]) -> None:
+        if not examples:
+            return
+        if self.fields is None:
+            self.fields = list(examples[0])
+            for name in self.fields:
+                self._files[name] = (self.target / f"{self.split}.{name}.bin").open("wb")
+                self._offsets[name] = array("q", [0])
+        for name in self.fields:
+            lengths = [len(e[name]) for e in examples]
+            offsets = self._offsets[name]
+            start = offsets[-1]
+            for length in lengths:
+                start += length
+                offsets.append(start)
+            flat = np.concatenate([np.asarray(e[name], dtype=_dtype(name)) for e in examples]) if sum(lengths) else None
+            if flat is not None:
+                self._files[name].write(flat.tobytes())
+
+    def close(self) -> list[str]:
+        for name, handle in self._files.items():
+            handle.close()
+            np.save(self.target / f"{self.split}.{name}.offsets.npy", np.frombuffer(self._offsets[name], dtype=np.int64))
+        return self.fields or []
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def seal(target: Path, fields: dict[str, list[str]], summary: dict[str, Any]) -> None:
+    """Write summary.json last: the fields of each split and each file's size and checksum."""
+    files = {p.name: [p.stat().st_size, _crc(p)] for p in sorted(target.iterdir()) if p.suffix in (".bin", ".npy")}
+    (target / "summary.json").write_text(json.dumps({"summary": summary, "fields": fields, "files": files}))
+
+
+def damage(source: Path) -> Optional[str]:
+    """Why the cache in `source` cannot be used (a file missing, cut short or changed), or None."""
+    try:
+        recorded = json.loads((source / "summary.json").read_text())
+        files = recorded["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its summary.json is unreadable or from another lmtune version"
+    for name, (size, crc) in files.items():
+        path = source / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not the {size} written (cut short?)"
+        if _crc(path) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def load(source: Path, note: Any = print) -> Optional[tuple[Columns, Columns, dict[str, Any]]]:
+    """The cached splits, mapped; None when there is no cache, or one that is damaged (said, and rebuilt)."""
     if not (source / "summary.json").exists():
         return None
-    with np.load(source / "train.npz") as train, np.load(source / "val.npz") as val:
-        return _unpack(train), _unpack(val), json.loads((source / "summary.json").read_text())
+    problem = damage(source)
+    if problem is not None:
+        note(f"note: the tokenised-data cache {source} is damaged ({problem}); tokenising again")
+        return None
+    recorded = json.loads((source / "summary.json").read_text())
+    splits = [Columns(source, split, recorded["fields"].get(split, [])) for split in SPLITS]
+    return splits[0], splits[1], recorded["summary"]
+
+
+def disk_bytes(source: Path) -> int:
+    return sum(p.stat().st_size for p in source.iterdir() if p.is_file())

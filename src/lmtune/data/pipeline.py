@@ -30,6 +30,7 @@ from .records import (
     rename_columns,
 )
 from .templates import pick_renderer
+from ..staged_folder import staged_folder
 from .tokenize import tokenize_records
 
 DATA_VERSION = "6"  # whole-text tokenisation with offset masks; reasoning and tool turns
@@ -47,6 +48,7 @@ class Summary:
     formats: dict[str, int] = field(default_factory=dict)
     from_cache: bool = False
     max_len: int = 0
+    cache_mib: float = 0.0  # the tokenised data's size on disk (mapped by training, not loaded)
 
     def lines(self) -> list[str]:
         out = [f"rows read: {self.rows_read} ({', '.join(f'{n} {k}' for k, n in self.formats.items())})"]
@@ -56,7 +58,9 @@ class Summary:
         for outcome, n in sorted(self.outcomes.items()):
             out.append(f"{outcome}: {n}")
         out.append(f"examples: {self.train_examples} train, {self.val_examples} validation (max {self.max_len} tokens)")
-        out.append("tokenised data: " + ("from cache" if self.from_cache else "built and cached"))
+        out.append("tokenised data: " + ("from cache" if self.from_cache else "built and cached") +
+                   (f", {self.cache_mib:,.1f} MiB on disk, memory-mapped (training holds only the pages it reads)"
+                    if self.cache_mib else ""))
         return out
 
 
@@ -188,12 +192,35 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
             files = data_files(spec.path, base)
             if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
                 return None
+    known = _records_checked(config, config_dir)
+    if known.exists():  # these files with these settings were read before: not again (millions of rows take minutes)
+        try:
+            return Summary(**json.loads(known.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
     train, _, summary = load_records(config, config_dir)
     kept = [r for r in train if not r.get("drop")]
     if train and not kept:  # what tokenising would find too: say it before a model loads
         raise DataError(f"no training example is left after filtering ({len(train)} dropped: {train[0]['drop']}); "
                         f"the first is {train[0]['where']}; fix the data")
+    try:
+        known.parent.mkdir(parents=True, exist_ok=True)
+        saved = asdict(summary)
+        saved.pop("from_cache")
+        saved.pop("cache_mib")
+        known.write_text(json.dumps(saved))
+    except OSError:
+        pass  # a read-only cache folder: the rows are read again next time
     return summary
+
+
+def _records_checked(config: Config, config_dir: Optional[Path]) -> Path:
+    """Where the summary of reading these files with these settings is kept (no tokenizer: `check` has none)."""
+    settings = config.data.model_dump(mode="json", exclude={"overwrite_cache", "cache_dir", "preprocessing_num_workers"})
+    key = {"version": DATA_VERSION, "stage": config.finetuning.stage, "data": settings,
+           "files": _file_fingerprint(config, _base_dir(config, config_dir))}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(config.data.cache_dir or ".lmtune-cache") / "records" / f"{digest}.json"
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -255,35 +282,42 @@ def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, ma
 
 
 def tokenize_all(
-    records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int, policy: str, workers: int, label: str
-) -> tuple[list, Counter]:
+    records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int, policy: str, workers: int, label: str,
+    sink: Any,
+) -> tuple[int, Counter]:
+    """Tokenise in chunks (on `workers` processes), each chunk's examples handed to `sink.add` as it is done,
+    so only a chunk's examples are held; (examples written, outcomes)."""
     from tqdm.auto import tqdm
 
     if not records:
-        return [], Counter()
+        return 0, Counter()
     if records[0]["kind"] == "text":  # documents are joined across rows: one stream
-        return tokenize_records(records, renderer, tokenizer, max_len, policy)
+        examples, outcomes = tokenize_records(records, renderer, tokenizer, max_len, policy)
+        for start in range(0, len(examples), 4096):
+            sink.add(examples[start : start + 4096])
+        return len(examples), outcomes
     size = max(64, min(2048, len(records) // (workers * 4) or 1))
     chunks = [(records[i : i + size], renderer, tokenizer, max_len, policy) for i in range(0, len(records), size)]
-    examples, outcomes = [], Counter()
+    written, outcomes = 0, Counter()
     bar = tqdm(total=len(records), desc=f"tokenising {label}", unit="row", leave=False, disable=len(chunks) < 4)
     if workers > 1:
         import multiprocessing
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for part, counts in pool.imap(_tokenize_chunk, chunks):
-                examples += part
-                outcomes += counts
-                bar.update(sum(counts.values()))
+            done = pool.imap(_tokenize_chunk, chunks)
+            for (part, counts), chunk in zip(done, chunks):
+                sink.add(part)
+                written, outcomes = written + len(part), outcomes + counts
+                bar.update(len(chunk[0]))
     else:
         for chunk in chunks:
             part, counts = _tokenize_chunk(chunk)
-            examples += part
-            outcomes += counts
+            sink.add(part)
+            written, outcomes = written + len(part), outcomes + counts
             bar.update(len(chunk[0]))
     bar.close()
-    return examples, outcomes
+    return written, outcomes
 
 
 def resolve_max_len(config: Config, context_length: int) -> int:
@@ -310,24 +344,60 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
         if hit is not None:
             train, val, saved = hit
             summary = Summary(**saved)
-            summary.from_cache = True
+            summary.from_cache, summary.cache_mib = True, cache.disk_bytes(folder) / 2**20
             return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key,
                              d.train_on_reasoning, d.enable_thinking, note=print)
     if d.truncation != "drop":  # dropping says itself how many rows were too long
         leaves_room(train_records, renderer, tokenizer, max_len)
-    workers = d.preprocessing_num_workers or 1
-    train, train_outcomes = tokenize_all(train_records, renderer, tokenizer, max_len, d.truncation, workers, "train")
-    val, val_outcomes = tokenize_all(val_records, renderer, tokenizer, max_len, d.truncation, workers, "validation")
-    summary.outcomes = dict(train_outcomes + val_outcomes)
-    summary.train_examples, summary.val_examples, summary.max_len = len(train), len(val), max_len
-    if not train:
-        reasons = ", ".join(f"{n} {k}" for k, n in summary.outcomes.items()) or "no rows"
-        first = next((r for r in train_records if r.get("drop")), None)
-        where = f"; the first is {first['where']} ({first['drop']})" if first else ""
-        raise DataError(f"no training example is left after filtering ({reasons}){where}; check max_input_length and the data")
-    saved = asdict(summary)
-    saved.pop("from_cache")
-    train, val = cache.save(folder, train, val, saved)
+    workers = d.preprocessing_num_workers or default_workers(len(train_records) + len(val_records))
+    try:
+        with staged_folder(folder) as staging:
+            outcomes: Counter = Counter()
+            fields = {}
+            for split, records in (("train", train_records), ("val", val_records)):
+                writer = cache.Writer(staging, split)
+                count, counts = tokenize_all(records, renderer, tokenizer, max_len, d.truncation, workers,
+                                             "train" if split == "train" else "validation", writer)
+                fields[split] = writer.close()
+                outcomes += counts
+                setattr(summary, f"{split}_examples", count)
+            summary.outcomes, summary.max_len = dict(outcomes), max_len
+            if not summary.train_examples:
+                raise _nothing_left(summary, train_records)
+            saved = asdict(summary)
+            saved.pop("from_cache")
+            saved.pop("cache_mib")
+            cache.seal(staging, fields, saved)
+    except OSError as exc:
+        raise _write_failed(folder, exc) from None
+    train, val, _ = cache.load(folder)
+    summary.cache_mib = cache.disk_bytes(folder) / 2**20
     return Prepared(train, val, summary, folder)
+
+
+MANY_ROWS = 20_000  # from here on, worker processes pay for their start (about a second each)
+
+
+def default_workers(rows: int) -> int:
+    return min(os.cpu_count() or 1, 8) if rows >= MANY_ROWS else 1
+
+
+def _nothing_left(summary: Summary, train_records: list[dict[str, Any]]) -> DataError:
+    reasons = ", ".join(f"{n} {k}" for k, n in summary.outcomes.items()) or "no rows"
+    first = next((r for r in train_records if r.get("drop")), None)
+    where = f"; the first is {first['where']} ({first['drop']})" if first else ""
+    return DataError(f"no training example is left after filtering ({reasons}){where}; check max_input_length and the data")
+
+
+def _write_failed(folder: Path, exc: OSError) -> DataError:
+    """A cache that cannot be written (a full disk, a folder it may not write) in one line, with the space left."""
+    import errno
+    import shutil as _shutil
+
+    parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = _shutil.disk_usage(parent).free / 2**20
+    cause = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+    return DataError(f"cache_dir: the tokenised-data cache {folder} cannot be written ({cause}; {free:,.0f} MiB free "
+                     "there); free some space or set cache_dir to a larger disk")

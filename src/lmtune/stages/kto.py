@@ -135,6 +135,7 @@ class KTO(Objective):
                 packing: bool = False) -> "Batches":
         t = config.training
         size = config.evaluation.per_device_eval_batch_size if for_eval else t.micro_batch_size
+        examples = list(examples)  # one dict per example, kept: the shape finds each one's partner by identity
         return batching.Batches(examples, size, tokenizer.pad_token_id, packing=packing, shuffle=shuffle, seed=t.seed,
                                 shape=UnpairedShape(examples))
 

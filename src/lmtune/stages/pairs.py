@@ -104,6 +104,11 @@ class PairShape:
     def length(self, pair: dict[str, Any]) -> int:
         return len(pair["chosen_input_ids"]) + len(pair["rejected_input_ids"])
 
+    def lengths(self, pairs: Sequence[dict[str, Any]]) -> list[int]:
+        if hasattr(pairs, "field_lengths"):  # mapped columns: from the offsets alone
+            return (pairs.field_lengths("chosen_input_ids") + pairs.field_lengths("rejected_input_ids")).tolist()
+        return [self.length(p) for p in pairs]
+
     def sequences(self, pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every chosen answer, then every rejected one."""
         return [

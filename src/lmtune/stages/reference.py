@@ -66,6 +66,9 @@ def precomputed(
     """Give every example of `batch_sets` its reference values under `name`, computed once by the main process with
     a frozen copy of `model` (`values(frozen, batch, examples)` -> one list per example) and stored in the data cache
     for these weights; the other processes, and later runs, read the stored file."""
+    for batches in batch_sets:  # mapped cache columns give a fresh dict per read: the values need ones that stay
+        if not isinstance(batches.examples, list):
+            batches.examples = list(batches.examples)
     stored = cache_folder / f"{name}-{weights_fingerprint(unwrapped(model))}.json" if cache_folder else None
     with distributed.main_first(run.accelerator):
         if stored is not None and stored.exists():

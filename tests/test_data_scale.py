@@ -1,0 +1,94 @@
+"""The tokenised cache at scale: columns mapped from disk (never loaded whole), written a chunk at a time,
+rebuilt when damaged, and a full disk said in one line; `check` does not read the same rows twice."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from lmtune.data import cache, pipeline
+from lmtune.data.batches import Batches
+from lmtune.data.pipeline import check_local_records, prepare
+from lmtune.data.records import DataError
+
+from test_data_pipeline import alpaca_rows, config_for
+
+
+def test_examples_are_mapped_views_of_the_cache_files(tmp_path, tokenizer):
+    data = prepare(config_for(tmp_path, alpaca_rows(300)), tokenizer, 2048)
+    example = data.train[7]
+    assert isinstance(example["input_ids"].base, np.memmap) or isinstance(example["input_ids"], np.memmap)
+    lengths = data.train.field_lengths("input_ids")
+    assert lengths.tolist() == [len(e["input_ids"]) for e in data.train]
+    assert Batches(data.train, 4, 0, pack_length=64).rows == Batches(list(data.train), 4, 0, pack_length=64).rows
+    assert [list(e["labels"]) for e in data.train[:3]] == [list(data.train[i]["labels"]) for i in range(3)]
+
+
+def test_written_a_chunk_at_a_time_equals_what_a_list_would_hold(tmp_path):
+    examples = [{"input_ids": list(range(i % 7 + 1)), "labels": [-100] * (i % 7 + 1), "margin": [0.5 * i]} for i in range(50)]
+    writer = cache.Writer(tmp_path, "train")
+    for start in range(0, 50, 8):
+        writer.add(examples[start : start + 8])
+    fields = writer.close()
+    cache.seal(tmp_path, {"train": fields, "val": []}, {"n": 50})
+    train, val, summary = cache.load(tmp_path)
+    assert len(train) == 50 and len(val) == 0 and summary == {"n": 50}
+    for ours, theirs in zip(train, examples):
+        assert {k: v.tolist() for k, v in ours.items()} == theirs
+
+
+@pytest.mark.parametrize("harm", ["truncate", "flip", "remove"])
+def test_a_damaged_cache_is_rebuilt_with_a_note(harm, tmp_path, tokenizer, capsys):
+    config = config_for(tmp_path, alpaca_rows(60))
+    first = prepare(config, tokenizer, 2048)
+    expected = [e["input_ids"].tolist() for e in first.train]
+    target = first.folder / "train.input_ids.bin"
+    del first  # its mapping of the file harmed below
+    raw = target.read_bytes()
+    if harm == "truncate":
+        target.write_bytes(raw[: len(raw) // 2])
+    elif harm == "flip":
+        target.write_bytes(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:])
+    else:
+        target.unlink()
+    capsys.readouterr()
+    again = prepare(config, tokenizer, 2048)
+    out = capsys.readouterr().out
+    assert "is damaged" in out and "train.input_ids.bin" in out and "tokenising again" in out
+    assert not again.summary.from_cache
+    assert [e["input_ids"].tolist() for e in again.train] == expected
+    assert prepare(config, tokenizer, 2048).summary.from_cache
+
+
+def test_a_full_disk_while_caching_is_one_line_with_the_space_left(tmp_path, tokenizer, monkeypatch):
+    def full(self, examples):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.Writer, "add", full)
+    with pytest.raises(DataError) as error:
+        prepare(config_for(tmp_path), tokenizer, 2048)
+    message = str(error.value)
+    assert "\n" not in message and "the disk is full" in message and "MiB free" in message and "cache_dir" in message
+    assert not any((tmp_path / "cache" / "data").glob("*/summary.json"))  # nothing half-written left as a cache
+
+
+def test_check_reads_the_same_rows_once(tmp_path, monkeypatch):
+    config = config_for(tmp_path, alpaca_rows(30))
+    first = check_local_records(config)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("rows read again")
+
+    monkeypatch.setattr(pipeline, "load_records", no_reading)
+    assert check_local_records(config) == first
+    monkeypatch.undo()
+    changed = config_for(tmp_path, alpaca_rows(31))
+    assert check_local_records(changed).rows_read == 31
+
+
+def test_the_summary_reports_the_cache_size_on_disk(tmp_path, tokenizer):
+    data = prepare(config_for(tmp_path, alpaca_rows(40)), tokenizer, 2048)
+    assert data.summary.cache_mib == pytest.approx(cache.disk_bytes(data.folder) / 2**20)
+    assert any("MiB on disk, memory-mapped" in line for line in data.summary.lines())
+    json.dumps(data.summary.lines())
