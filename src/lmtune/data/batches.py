@@ -202,9 +202,14 @@ class Batches:
             return 0.0  # packed micro batches are one row of real tokens
         order = self._order(epoch)
         real = total = 0
+        one_each = type(self.shape) is Sequences  # each example is its one sequence: its length is enough
+        known = self.lengths() if one_each else None
         for start in range(0, len(order), self.micro_batch_size):
-            chosen = [self.examples[i] for i in order[start : start + self.micro_batch_size]]
-            lengths = [len(e["input_ids"]) for e in self.shape.sequences(chosen)]
+            picked = order[start : start + self.micro_batch_size]
+            if known is not None:
+                lengths = [known[i] for i in picked]
+            else:
+                lengths = [len(e["input_ids"]) for e in self.shape.sequences([self.examples[i] for i in picked])]
             real += sum(lengths)
             total += max(lengths) * len(lengths)
         return 1 - real / total if total else 0.0

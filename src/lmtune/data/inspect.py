@@ -48,7 +48,8 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
     for line in data.summary.lines():
         print(line)
     field = "input_ids" if data.train and "input_ids" in data.train[0] else "chosen_input_ids"
-    lengths = [len(e[field]) for e in data.train]
+    lengths = (data.train.field_lengths(field).tolist() if hasattr(data.train, "field_lengths")
+               else [len(e[field]) for e in data.train])
     print(f"tokens per example: {percentiles(lengths)}")
     if field == "input_ids":
         size = config.training.micro_batch_size

@@ -28,11 +28,60 @@ def join_segments(pieces: list[list[int]], segments: list[Segment]) -> tuple[lis
     return ids, labels
 
 
+def _backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer behind a fast one, when calling it directly gives what the tokenizer gives (no
+    truncation or padding set on it); else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
+def _labels_by_offsets(ids: list[int], offsets: list[tuple[int, int]], segments: list[Segment]) -> list[int]:
+    """A token is trained when it overlaps a trained segment."""
+    spans, at = [], 0
+    for text, trained in segments:
+        if trained:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    labels, span = [], 0
+    for token, (start, end) in zip(ids, offsets):
+        end = max(end, start + 1)
+        while span < len(spans) and spans[span][1] <= start:
+            span += 1
+        labels.append(token if span < len(spans) and spans[span][0] < end else IGNORE)
+    return labels
+
+
+def _labels_by_characters(encoding: Any, segments: list[Segment]) -> Optional[list[int]]:
+    """The same labels from each trained segment's first and last character (a few lookups per example, not
+    one per token); None when a character maps to no token (a normaliser dropped it)."""
+    ids = encoding.ids
+    labels = [IGNORE] * len(ids)
+    at = 0
+    for text, trained in segments:
+        if trained and text:
+            first, last = encoding.char_to_token(at), encoding.char_to_token(at + len(text) - 1)
+            if first is None or last is None:
+                return None
+            labels[first : last + 1] = ids[first : last + 1]
+        at += len(text)
+    return labels
+
+
 def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) of each example. Its whole text is tokenised in one piece, as `apply_chat_template` does, so
     the ids are the ones the model is served with; a token is trained when it overlaps a trained segment."""
     if not examples:
         return []
+    texts = ["".join(text for text, _ in segments) for segments in examples]
+    backend = _backend(tokenizer)
+    if backend is not None:
+        out = []
+        for encoding, segments in zip(backend.encode_batch(texts, add_special_tokens=False), examples):
+            labels = _labels_by_characters(encoding, segments)
+            out.append((encoding.ids, labels if labels is not None else _labels_by_offsets(encoding.ids, encoding.offsets, segments)))
+        return out
     if not getattr(tokenizer, "is_fast", False):  # no offsets: segment by segment
         flat = encode_batch(tokenizer, [text for segments in examples for text, _ in segments])
         out, at = [], 0
@@ -40,23 +89,9 @@ def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple
             out.append(join_segments(flat[at : at + len(segments)], segments))
             at += len(segments)
         return out
-    encoded = tokenizer(["".join(text for text, _ in segments) for segments in examples],
-                        add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for ids, offsets, segments in zip(encoded["input_ids"], encoded["offset_mapping"], examples):
-        spans, at = [], 0
-        for text, trained in segments:
-            if trained:
-                spans.append((at, at + len(text)))
-            at += len(text)
-        labels, span = [], 0
-        for token, (start, end) in zip(ids, offsets):
-            end = max(end, start + 1)
-            while span < len(spans) and spans[span][1] <= start:
-                span += 1
-            labels.append(token if span < len(spans) and spans[span][0] < end else IGNORE)
-        out.append((ids, labels))
-    return out
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, _labels_by_offsets(ids, offsets, segments))
+            for ids, offsets, segments in zip(encoded["input_ids"], encoded["offset_mapping"], examples)]
 
 
 def template_refusal(exc: Exception) -> Optional[str]:
@@ -134,6 +169,7 @@ def tokenize_sequences(
     flat = [segments for examples in rendered if examples for segments in examples]
     encoded = iter(encode_examples(tokenizer, flat))
     examples = []
+    bos_id = tokenizer.bos_token_id  # a property that looks the token up: once, not per example
     prompts_only = bool(records) and records[0]["kind"] == "prompt"
     for record, record_examples in zip(records, rendered):
         if record_examples is None:
@@ -152,7 +188,7 @@ def tokenize_sequences(
             outcomes[f"dropped: {record['drop']}"] += 1
             continue
         for ids, labels in pieces:
-            ids, labels, outcome = fit_length(ids, labels, max_len, policy, tokenizer.bos_token_id)
+            ids, labels, outcome = fit_length(ids, labels, max_len, policy, bos_id)
             outcomes[outcome] += 1
             if ids is not None:
                 examples.append({"input_ids": ids, "labels": labels})
