@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import zlib
 from array import array
+from itertools import chain
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -94,8 +95,9 @@ class Writer:
             for length in lengths:
                 start += length
                 offsets.append(start)
-            flat = np.concatenate([np.asarray(e[name], dtype=_dtype(name)) for e in examples]) if sum(lengths) else None
-            if flat is not None:
+            total = start - offsets[-len(lengths) - 1]
+            if total:  # one pass over every value of the chunk, straight into one array
+                flat = np.fromiter(chain.from_iterable(e[name] for e in examples), dtype=_dtype(name), count=total)
                 self._files[name].write(flat.tobytes())
 
     def close(self) -> list[str]:

@@ -259,9 +259,16 @@ def fingerprint(config: Config, tokenizer: Any, max_len: int, config_dir: Option
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tokenize_chunk(args: tuple) -> tuple[list, Counter]:
-    records, renderer, tokenizer, max_len, policy = args
-    return tokenize_records(records, renderer, tokenizer, max_len, policy)
+_WORKER: dict[str, Any] = {}  # in a tokenising worker: the renderer, tokenizer and limits, sent once at its start
+
+
+def _start_worker(renderer: Any, tokenizer: Any, max_len: int, policy: str) -> None:
+    _WORKER.update(renderer=renderer, tokenizer=tokenizer, max_len=max_len, policy=policy)
+
+
+def _tokenize_chunk(records: list[dict[str, Any]]) -> tuple[list, Counter]:
+    w = _WORKER
+    return tokenize_records(records, w["renderer"], w["tokenizer"], w["max_len"], w["policy"])
 
 
 def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int) -> None:
@@ -297,25 +304,27 @@ def tokenize_all(
             sink.add(examples[start : start + 4096])
         return len(examples), outcomes
     size = max(64, min(2048, len(records) // (workers * 4) or 1))
-    chunks = [(records[i : i + size], renderer, tokenizer, max_len, policy) for i in range(0, len(records), size)]
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
     written, outcomes = 0, Counter()
     bar = tqdm(total=len(records), desc=f"tokenising {label}", unit="row", leave=False, disable=len(chunks) < 4)
     if workers > 1:
         import multiprocessing
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            done = pool.imap(_tokenize_chunk, chunks)
-            for (part, counts), chunk in zip(done, chunks):
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, _start_worker, (renderer, tokenizer, max_len, policy)) as pool:
+            for (part, counts), chunk in zip(pool.imap(_tokenize_chunk, chunks), chunks):
                 sink.add(part)
                 written, outcomes = written + len(part), outcomes + counts
-                bar.update(len(chunk[0]))
+                bar.update(len(chunk))
     else:
+        _start_worker(renderer, tokenizer, max_len, policy)
         for chunk in chunks:
             part, counts = _tokenize_chunk(chunk)
             sink.add(part)
             written, outcomes = written + len(part), outcomes + counts
-            bar.update(len(chunk[0]))
+            bar.update(len(chunk))
+        _WORKER.clear()
     bar.close()
     return written, outcomes
 

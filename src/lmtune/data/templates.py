@@ -333,11 +333,12 @@ class Renderer:
                 segments.append((stop, True))
             segments += [(prompt[len(stop):], self.train_on_inputs)] + message_segments
             done, answered = after, index
-        tail = self.render(messages, False, tools)
-        if tail.startswith(done) and len(tail) > len(done) and messages[-1]["role"] != "assistant":
-            segments.append((tail[len(done):], self.train_on_inputs))
-        elif answered == len(messages) - 1:
+        if answered == len(messages) - 1:
             segments.append((self._stop_after(segments, messages, tools), True))
+        elif messages:  # turns after the last answer: context
+            tail = self.render(messages, False, tools)
+            if tail.startswith(done) and len(tail) > len(done):
+                segments.append((tail[len(done):], self.train_on_inputs))
         examples.append(segments)
         return [[s for s in example if s[0]] for example in examples if any(s[0] for s in example)]
 
