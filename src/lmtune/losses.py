@@ -9,7 +9,7 @@ backward pass instead of being kept.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,18 @@ def token_losses(
             router.append(out.router_logits)
         logits = _tempered(out.logits[:, :-1].float(), temperature)
         return F.cross_entropy(logits[keep], targets[keep], reduction="none"), keep
+    hidden = _trained_hidden(model, inputs, keep, router)
+    return _head_losses(model, hidden, targets[keep], temperature), keep
+
+
+def _trained_hidden(model: torch.nn.Module, inputs: dict[str, Any], keep: torch.Tensor, router: Optional[list]) -> torch.Tensor:
+    """The decoder's final hidden states at the trained positions (the last block's feed-forward run there only)."""
     decoder = model.get_decoder()
     with feed_forward_only_at(decoder, rows_read(keep) if router is None else None):
         out = decoder(**inputs, use_cache=False)
     if router is not None:
         router.append(out.router_logits)
-    hidden = out.last_hidden_state[:, :-1]
-    return _head_losses(model, hidden[keep], targets[keep], temperature), keep
+    return out.last_hidden_state[:, :-1][keep]
 
 
 def _head_losses(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -106,7 +111,57 @@ def listed_target_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (divide by the token count yourself)."""
-    return token_losses(model, batch)[0].sum()
+    head = model.get_output_embeddings()
+    if not (uses_plain_head(model) and type(head) is torch.nn.Linear and head.bias is None):
+        return token_losses(model, batch)[0].sum()
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    hidden = _trained_hidden(model, attention_inputs(batch, getattr(model.config, "_attn_implementation", None)), keep, None)
+    wanted = torch.is_grad_enabled()
+    return _SummedHeadLoss.apply(hidden, head.weight, targets[keep], wanted and hidden.requires_grad,
+                                 wanted and head.weight.requires_grad)
+
+
+class _SummedHeadLoss(torch.autograd.Function):
+    """The output head's summed cross-entropy with its gradients computed in the forward, a chunk at a time.
+
+    A sum's gradient reaches every token alike (a scale known only in the backward), so each chunk's
+    d loss / d logits = softmax - one-hot can be turned into the hidden states' and the head's gradients as
+    soon as its logits exist: no chunk's logits are kept, and none is computed twice (the checkpointed chunks
+    of `_head_losses` compute every chunk's logits again in the backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, for_hidden: bool,
+                for_weight: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if for_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if for_weight else None
+        for start in range(0, hidden.shape[0], CHUNK):
+            part, goal = hidden[start : start + CHUNK], targets[start : start + CHUNK]
+            logits = F.linear(part, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, goal[:, None]).squeeze(1)).sum()
+            if not (for_hidden or for_weight):
+                continue
+            slope = torch.exp(logits.sub_(lse[:, None]))  # softmax, in the logits' storage
+            slope[torch.arange(len(goal), device=goal.device), goal] -= 1.0
+            if for_hidden:
+                grad_hidden[start : start + CHUNK] = slope.to(part.dtype) @ weight.to(part.dtype)
+            if for_weight:
+                grad_weight.addmm_(slope.t(), part.float())
+        ctx.grads = (grad_hidden, grad_weight)  # not inputs or outputs: kept as they are until the backward
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = (None, None)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _sequence_of_positions(batch: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
