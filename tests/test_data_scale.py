@@ -73,9 +73,11 @@ def test_a_full_disk_while_caching_is_one_line_with_the_space_left(tmp_path, tok
     assert not any((tmp_path / "cache" / "data").glob("*/summary.json"))  # nothing half-written left as a cache
 
 
-def test_check_reads_the_same_rows_once(tmp_path, monkeypatch):
+def test_check_does_not_read_rows_a_run_has_tokenised(tmp_path, tokenizer, monkeypatch):
     config = config_for(tmp_path, alpaca_rows(30))
     first = check_local_records(config)
+    assert not (tmp_path / "cache" / "records").exists()  # check itself writes nothing
+    prepare(config, tokenizer, 2048)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("rows read again")

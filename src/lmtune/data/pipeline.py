@@ -193,7 +193,7 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
             if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
                 return None
     known = _records_checked(config, config_dir)
-    if known.exists():  # these files with these settings were read before: not again (millions of rows take minutes)
+    if known.exists():  # a run tokenised these files with these settings: not read again (millions of rows take minutes)
         try:
             return Summary(**json.loads(known.read_text()))
         except (OSError, ValueError, TypeError):
@@ -203,6 +203,12 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
     if train and not kept:  # what tokenising would find too: say it before a model loads
         raise DataError(f"no training example is left after filtering ({len(train)} dropped: {train[0]['drop']}); "
                         f"the first is {train[0]['where']}; fix the data")
+    return summary
+
+
+def _remember_records(config: Config, config_dir: Optional[Path], summary: Summary) -> None:
+    """What reading these rows found, for the next `check` (written by a run that tokenised them; `check` writes nothing)."""
+    known = _records_checked(config, config_dir)
     try:
         known.parent.mkdir(parents=True, exist_ok=True)
         saved = asdict(summary)
@@ -211,7 +217,6 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
         known.write_text(json.dumps(saved))
     except OSError:
         pass  # a read-only cache folder: the rows are read again next time
-    return summary
 
 
 def _records_checked(config: Config, config_dir: Optional[Path]) -> Path:
@@ -356,6 +361,8 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             summary.from_cache, summary.cache_mib = True, cache.disk_bytes(folder) / 2**20
             return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
+    if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in _entries(config, "train")):
+        _remember_records(config, config_dir, Summary(**{**asdict(summary)}))
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key,
                              d.train_on_reasoning, d.enable_thinking, note=print)
     if d.truncation != "drop":  # dropping says itself how many rows were too long
