@@ -361,8 +361,7 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             summary.from_cache, summary.cache_mib = True, cache.disk_bytes(folder) / 2**20
             return Prepared(train, val, summary, folder)
     train_records, val_records, summary = load_records(config, config_dir)
-    if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in _entries(config, "train")):
-        _remember_records(config, config_dir, Summary(**{**asdict(summary)}))
+    read = Summary(**asdict(summary))  # what reading the rows found, before tokenising adds to it
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key,
                              d.train_on_reasoning, d.enable_thinking, note=print)
     if d.truncation != "drop":  # dropping says itself how many rows were too long
@@ -390,6 +389,8 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
         raise _write_failed(folder, exc) from None
     train, val, _ = cache.load(folder)
     summary.cache_mib = cache.disk_bytes(folder) / 2**20
+    if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in _entries(config, "train")):
+        _remember_records(config, config_dir, read)
     return Prepared(train, val, summary, folder)
 
 
