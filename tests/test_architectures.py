@@ -147,38 +147,47 @@ def test_models_packing_cannot_be_exact_for_are_refused_in_one_line():
     assert switch_to_packed(build("llama"), False) == (False, None)
 
 
-@pytest.fixture(scope="module")
-def arch_folders(tmp_path_factory, tiny_dir):
-    """Each architecture saved as a model folder with lmtune's builtin tokenizer."""
+def saved_models(root, tiny_dir, kinds, builder):
+    """Each kind built by `builder(kind, vocab_size=..., **token ids)` and saved with lmtune's builtin tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    root = tmp_path_factory.mktemp("archs")
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     folders = {}
-    for kind in ARCHITECTURES:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        model = build(kind, vocab_size=len(tokenizer), **ids)
+    for kind in kinds:
         folders[kind] = root / kind
-        model.save_pretrained(folders[kind], safe_serialization=True)
+        builder(kind, vocab_size=len(tokenizer), **ids).save_pretrained(folders[kind], safe_serialization=True)
         tokenizer.save_pretrained(folders[kind])
     return folders
+
+
+def learning_run(folder, method, tmp_path, **changes):
+    """A short counting run on a model folder: the settings both architecture matrices train with."""
+    rows = [{"instruction": f"Count to {i % 5}, slowly and clearly please", "output": " ".join(str(j) for j in range(i % 5 + 3))} for i in range(24)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {
+        "base_model": str(folder), "dataset": str(data), "template": "chatml", "method": method,
+        "micro_batch_size": 4, "max_steps": 8, "learning_rate": 1e-2 if method == "lora" else 2e-3,
+        "lr_scheduler": "constant", "logging_steps": 1, "lora_target": ["all"], "seed": 0,
+        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False, **changes,
+    }
+    result = train(resolve(data=settings).config, quiet=True)
+    return result, [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def arch_folders(tmp_path_factory, tiny_dir):
+    """Each architecture saved as a model folder with lmtune's builtin tokenizer."""
+    return saved_models(tmp_path_factory.mktemp("archs"), tiny_dir, ARCHITECTURES, build)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 def test_a_run_learns(kind, method, arch_folders, tmp_path):
-    rows = [{"instruction": f"Count to {i % 5}, slowly and clearly please", "output": " ".join(str(j) for j in range(i % 5 + 3))} for i in range(24)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    settings = {
-        "base_model": str(arch_folders[kind]), "dataset": str(data), "template": "chatml", "method": method,
-        "micro_batch_size": 4, "max_steps": 8, "learning_rate": 1e-2 if method == "lora" else 2e-3,
-        "lr_scheduler": "constant", "logging_steps": 1, "lora_target": ["all"], "seed": 0,
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False,
-    }
-    result = train(resolve(data=settings).config, quiet=True)
+    result, records = learning_run(arch_folders[kind], method, tmp_path)
     assert not result.notes, result.notes  # packed (the default), with nothing to report
-    curve = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+    curve = [r["loss"] for r in records]
     assert sum(curve[-2:]) / 2 < 0.93 * curve[0], (kind, method, curve)
 
 

@@ -7,19 +7,16 @@ Each packs exactly or is refused in one line, trains LoRA and full with its loss
 groups, and is counted by `plan`; the mixtures of experts with a load-balancing loss train with it and log it.
 """
 
-import json
 
 import pytest
 import torch
 
 from lmtune.config.load import resolve
 from lmtune.data.batches import packed_batch, pad_batch
-from lmtune.engine.loop import train
-from lmtune.engine.report import read_metrics
 from lmtune.model.packed_attention import PackingNotExact, switch_to_packed, use_packed_attention
 from lmtune.plan import shape_of
 
-from test_architectures import SIZES, WINDOW, examples, loss_and_grads
+from test_architectures import SIZES, WINDOW, examples, learning_run, loss_and_grads, saved_models
 
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 ARCHITECTURES_2026 = {
@@ -113,46 +110,32 @@ def test_lora_with_dropout_on_expert_weights_is_refused_in_one_line(folders, tmp
         from lmtune.model.load import load_model
         from lmtune.model.methods import apply_method
 
-        apply_method(load_model(resolve(data=settings).config), resolve(data=settings).config)
+        config = resolve(data=settings).config
+        apply_method(load_model(config), config)
     assert "\n" not in str(error.value)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    root = tmp_path_factory.mktemp("archs2026")
-    out = {}
-    for kind in ARCHITECTURES_2026:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        build_model(kind, vocab_size=len(tokenizer), **ids).save_pretrained(root / kind, safe_serialization=True)
-        tokenizer.save_pretrained(root / kind)
-        out[kind] = root / kind
-    return out
+    return saved_models(tmp_path_factory.mktemp("archs2026"), tiny_dir, ARCHITECTURES_2026, build_model)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES_2026))
 def test_a_run_learns(kind, method, folders, tmp_path):
-    rows = [{"instruction": f"Count to {i % 5}, slowly and clearly please", "output": " ".join(str(j) for j in range(i % 5 + 3))}
-            for i in range(24)]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    settings = {
-        "base_model": str(folders[kind]), "dataset": str(data), "template": "chatml", "method": method,
-        "micro_batch_size": 4, "max_steps": 16 if kind in LORA_RATE else 8, "learning_rate": LORA_RATE.get(kind, 1e-2) if method == "lora" else 2e-3,
-        "lr_scheduler": "constant", "logging_steps": 1, "seed": 0,
+    changes = {
         "lora_target": ["all", "experts"] if kind in ("qwen3_moe", "gpt_oss") else ["all"],
         "lora_dropout": 0.0 if kind in EXPERTS else 0.05,  # peft's adapters on expert weights take no dropout
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "plot_loss": False,
     }
-    result = train(resolve(data=settings).config, quiet=True)
+    if kind in LORA_RATE:
+        changes["max_steps"] = 16
+        if method == "lora":
+            changes["learning_rate"] = LORA_RATE[kind]
+    result, records = learning_run(folders[kind], method, tmp_path, **changes)
     if kind in NOT_PACKED:
         assert any(NOT_PACKED[kind] in note for note in result.notes), result.notes
     else:
         assert not result.notes, result.notes
-    records = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
     curve = [r["loss"] for r in records]
     assert sum(curve[-2:]) / 2 < 0.93 * curve[0], (kind, method, curve)
     if kind in WITH_AUX_LOSS:

@@ -6,9 +6,11 @@ accounts for every row read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -410,11 +412,8 @@ def _nothing_left(summary: Summary, train_records: list[dict[str, Any]]) -> Data
 
 def _write_failed(folder: Path, exc: OSError) -> DataError:
     """A cache that cannot be written (a full disk, a folder it may not write) in one line, with the space left."""
-    import errno
-    import shutil as _shutil
-
     parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    free = _shutil.disk_usage(parent).free / 2**20
+    free = shutil.disk_usage(parent).free / 2**20
     cause = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
     return DataError(f"cache_dir: the tokenised-data cache {folder} cannot be written ({cause}; {free:,.0f} MiB free "
                      "there); free some space or set cache_dir to a larger disk")
