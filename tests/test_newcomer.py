@@ -214,7 +214,7 @@ def test_an_int8_run_does_not_repeat_the_cast_warning(tmp_path):
 
 
 def test_features_other_tools_have_are_named_with_what_to_use_instead(tmp_path, capsys):
-    for key, instead in (("use_dora", "use method: lora"), ("streaming", "max_train_samples"), ("use_unsloth", "remove the key"),
+    for key, instead in (("use_dora", "use method: lora"), ("use_unsloth", "remove the key"),
                          ("tokens", "use a tokenizer that has them"), ("deepspeed", "enable_fsdp: true")):
         code, lines = check_lines(tmp_path, capsys, **{key: True})
         errors = [line for line in lines if line.startswith("error:")]

@@ -469,7 +469,6 @@ UNSUPPORTED: dict[str, str] = {
     "s2_attention": LACKS + "shifted sparse attention (LongLoRA); use gradient_checkpointing for long rows",
     "rope_scaling": LACKS + "RoPE scaling at training time yet; use a model whose config.json sets the context you need",
     "mixture_of_depths": LACKS + "mixture-of-depths conversion; remove the key",
-    "streaming": LACKS + "streaming datasets yet: data is tokenised once and cached; use max_train_samples to cap the rows read",
     "lora_on_cpu": LACKS + "CPU-placed LoRA weights; remove the key",
     "multipack_real_batches": LACKS + "this key; pack_to_length: true fills rows of max_input_length tokens",
     "freeze_vision_tower": LACKS + "vision-language training; lmtune trains text-only causal language models",

@@ -266,12 +266,40 @@ def data_settings(r: "Resolved") -> list[Problem]:
         out.append(Problem("error", "max_input_length", f"{d.max_input_length} tokens leave no room for the data: chat "
                            f"templates alone take 10 to 40 tokens around each exchange, so prompts would be cut away; "
                            "use at least 64 (rows are usually hundreds of tokens)"))
+    out += _streaming(r)
     if d.max_train_samples == 0:
         out.append(Problem("error", "max_train_samples", "0 leaves nothing to train on; use -1 for every row, or a count above 0"))
     if d.max_val_samples == 0:
         out.append(Problem("error", "max_val_samples", "0 leaves nothing to evaluate; use -1 for every row, or a count above 0"))
     if not d.dataset and not (d.chat_dataset or d.instruction_tuned):
         out.append(Problem("note", "dataset", "no dataset given; `lmtune train` needs one (or a SageMaker train channel)"))
+    return out
+
+
+def _streaming(r: "Resolved") -> list[Problem]:
+    """What a stream cannot give: its length, every example's length up front, random access."""
+    from ..stages import stage_of
+
+    d, t, stage = r.config.data, r.config.training, stage_of(r.config)
+    if not d.streaming:
+        return []
+    out = []
+    if t.max_steps <= 0:
+        out.append(Problem("error", "streaming", "a stream's length is not known up front, so epochs cannot be counted; "
+                                                 "set max_steps (the run's length in optimizer steps)"))
+    if not stage.streams:
+        out.append(Problem("error", "streaming", f"stage {stage.name} reads its rows whole (not one micro batch at a "
+                                                 "time in stream order); set streaming: false"))
+    for key, why in (("pack_to_length", "fills rows from every example's length"),
+                     ("group_by_length", "sorts by every example's length"),
+                     ("precompute_ref_logps", "scores every row before training")):
+        if getattr(d, key, None) or getattr(t, key, None) or getattr(r.config.finetuning, key, None):
+            out.append(Problem("error", key, f"{why} up front, which a stream does not have; set {key}: false "
+                                             "or streaming: false"))
+    if d.validation_split_ratio > 0:
+        out.append(Problem("error", "validation_split_ratio", "a stream has no known length to take a share of; with "
+                           "streaming the stream's first max_val_samples rows validate: set max_val_samples (e.g. 500) "
+                           "and validation_split_ratio: 0"))
     return out
 
 

@@ -241,6 +241,17 @@ class DataArgs(Group):
         "Mixing weights when several datasets are given, one per dataset.",
         llamafactory=("interleave_probs",),
     )
+    streaming: bool = setting(
+        False,
+        "Read and tokenise training rows as training reaches them, in file order, instead of tokenising "
+        "every row up to front into the cache: for hub datasets and files too large to tokenise first. "
+        "Needs `max_steps` (a stream's length is not known); the first `max_val_samples` rows validate; "
+        "several datasets interleave row by row by `dataset_weights`; a resumed run continues at the same "
+        "example. Rows are not shuffled: shuffle the file first.",
+        more="No tokenising before the first step and no cache on disk; the rows train in file order.",
+        axolotl=("streaming",),
+        llamafactory=("streaming",),
+    )
     template: Optional[str] = setting(
         None,
         "The chat format: a family's name (`llama3`, `qwen3`, `gemma`, `phi4`, `deepseek-r1`, ... as "

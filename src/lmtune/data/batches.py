@@ -102,6 +102,21 @@ def pack_rows(lengths: Sequence[int], row_length: int, seed: int) -> list[list[i
     return rows
 
 
+class OneEach(Sequence):
+    """Rows of one example each, `rows[i] == [i]`, without a list per example (millions of rows)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> list[int]:
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return [index % self.count]
+
+
 class Sequences:
     """The shape of examples that are one sequence each (pt, sft). Stages whose examples hold more (pairs,
     answers with a label) give Batches a shape of their own with the same three parts."""
@@ -154,11 +169,11 @@ class Batches:
         self.shape = shape or Sequences()
         self.pack_length = pack_length
         # Without pack_length every example is a row of its own.
-        self.rows = pack_rows(self.lengths(), pack_length, seed) if pack_length else [[i] for i in range(len(examples))]
+        self.rows = pack_rows(self.lengths(), pack_length, seed) if pack_length else OneEach(len(examples))
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.packing = packing
-        self.shuffle = shuffle
+        self.shuffle = shuffle and not getattr(examples, "streamed", False)  # a stream trains in its own order
         self.seed = seed
         self.group_by_length = group_by_length
 
@@ -229,6 +244,8 @@ class Batches:
 
 def batch_layout(batches: Batches, micro_per_step: int) -> str:
     """One line on how training batches are laid out (start of `train`, `lmtune data`)."""
+    if getattr(batches.examples, "streamed", False):
+        return "streamed in file order, " + ("packed without padding" + batches.shape.note if batches.packing else "padded per batch")
     if batches.pack_length:
         per_step = batches.examples_per_micro_batch() * micro_per_step
         return (

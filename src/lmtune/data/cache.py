@@ -71,40 +71,55 @@ def _mapped(path: Path, dtype: Any) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def flatten(examples: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each field's values end to end, and each example's length in it (0 where an example lacks the field:
+    a prompt without other columns)."""
+    out = {}
+    for name in dict.fromkeys(chain.from_iterable(examples)):
+        lengths = np.fromiter((len(e.get(name, ())) for e in examples), dtype=np.int64, count=len(examples))
+        values = np.fromiter(chain.from_iterable(e.get(name, ()) for e in examples),
+                             dtype=_dtype(name), count=int(lengths.sum()))
+        out[name] = (values, lengths)
+    return out
+
+
 class Writer:
     """Appends a split's examples, a chunk at a time, to its column files in `target`."""
 
     def __init__(self, target: Path, split: str):
         self.target, self.split = target, split
-        self.fields: Optional[list[str]] = None
+        self.count = 0
         self._files: dict[str, Any] = {}
         self._offsets: dict[str, array] = {}
 
-    def add(self, examples: list[dict[str, Any]]) -> None:
-        if not examples:
+    @property
+    def fields(self) -> list[str]:
+        return list(self._files)
+
+    def add(self, columns: Union[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]) -> None:
+        """One chunk: for each field, its values end to end and each example's length (`flatten`), or the
+        examples themselves."""
+        if isinstance(columns, list):
+            columns = flatten(columns)
+        if not columns:
             return
-        if self.fields is None:
-            self.fields = list(examples[0])
-            for name in self.fields:
+        count = len(next(iter(columns.values()))[1])
+        for name in columns:
+            if name not in self._files:  # a field the earlier examples lack: theirs are empty
                 self._files[name] = (self.target / f"{self.split}.{name}.bin").open("wb")
-                self._offsets[name] = array("q", [0])
-        for name in self.fields:
-            lengths = [len(e[name]) for e in examples]
-            offsets = self._offsets[name]
-            start = offsets[-1]
-            for length in lengths:
-                start += length
-                offsets.append(start)
-            total = start - offsets[-len(lengths) - 1]
-            if total:  # one pass over every value of the chunk, straight into one array
-                flat = np.fromiter(chain.from_iterable(e[name] for e in examples), dtype=_dtype(name), count=total)
-                self._files[name].write(flat.tobytes())
+                self._offsets[name] = array("q", [0] * (self.count + 1))
+        for name, offsets in self._offsets.items():
+            values, lengths = columns.get(name, (None, np.zeros(count, dtype=np.int64)))
+            offsets.extend((np.cumsum(lengths) + offsets[-1]).tolist())
+            if values is not None and len(values):
+                self._files[name].write(np.ascontiguousarray(values, dtype=_dtype(name)).tobytes())
+        self.count += count
 
     def close(self) -> list[str]:
         for name, handle in self._files.items():
             handle.close()
             np.save(self.target / f"{self.split}.{name}.offsets.npy", np.frombuffer(self._offsets[name], dtype=np.int64))
-        return self.fields or []
+        return self.fields
 
 
 def _crc(path: Path) -> int:

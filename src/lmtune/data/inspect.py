@@ -13,6 +13,7 @@ from .batches import IGNORE, Batches, batch_layout
 from .pipeline import prepare
 
 GREEN, RESET = "\033[32m", "\033[0m"
+STREAM_HEAD = 1000  # examples of a stream measured by `lmtune data`
 
 
 def percentiles(lengths: list[int]) -> str:
@@ -48,10 +49,12 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
     for line in data.summary.lines():
         print(line)
     field = "input_ids" if data.train and "input_ids" in data.train[0] else "chosen_input_ids"
+    streamed = getattr(data.train, "streamed", False)
+    head = data.train[:STREAM_HEAD] if streamed else data.train  # a stream is not read whole to be shown
     lengths = (data.train.field_lengths(field).tolist() if hasattr(data.train, "field_lengths")
-               else [len(e[field]) for e in data.train])
-    print(f"tokens per example: {percentiles(lengths)}")
-    if field == "input_ids":
+               else [len(e[field]) for e in head])
+    print(f"tokens per example{f' (the first {len(head)} of the stream)' if streamed else ''}: {percentiles(lengths)}")
+    if field == "input_ids" and not streamed:
         size = config.training.micro_batch_size
         seed = config.training.seed
         padded = Batches(data.train, size, tokenizer.pad_token_id, seed=seed).padding_fraction()

@@ -11,31 +11,23 @@ import hashlib
 import json
 import os
 import shutil
-import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import numpy as np
 
 from ..config.schema import Config, DatasetSpec
 from ..stages import stage_of
-from .records import (
-    FORMAT_COLUMNS,
-    DataError,
-    Row,
-    data_files,
-    detect_format,
-    jumpstart_template,
-    normalise,
-    read_rows,
-    render_jumpstart,
-    rename_columns,
-)
+from . import cache
+from .chunks import Reading, reading_for, run_chunks
+from .order import Order, mix, split, split_rows  # noqa: F401  (split_rows: the split's reference, tested)
+from .records import DataError, data_files
 from .templates import pick_renderer
 from ..staged_folder import staged_folder
-from .tokenize import tokenize_records
 
-DATA_VERSION = "6"  # whole-text tokenisation with offset masks; reasoning and tool turns
+DATA_VERSION = "7"  # rows read where they are tokenised; fields a prompt lacks stored empty
 
 
 @dataclass
@@ -51,8 +43,12 @@ class Summary:
     from_cache: bool = False
     max_len: int = 0
     cache_mib: float = 0.0  # the tokenised data's size on disk (mapped by training, not loaded)
+    streamed: bool = False  # `streaming: true`: training rows are read and tokenised as training reaches them
 
     def lines(self) -> list[str]:
+        if self.streamed:
+            return [f"streamed: training rows are read and tokenised in stream order as training reaches them; "
+                    f"{self.val_rows} validation rows from the head ({self.val_examples} examples, max {self.max_len} tokens)"]
         out = [f"rows read: {self.rows_read} ({', '.join(f'{n} {k}' for k, n in self.formats.items())})"]
         out.append(f"split: {self.train_rows} train, {self.val_rows} validation")
         for which, n in self.capped.items():
@@ -87,99 +83,134 @@ def _base_dir(config: Config, config_dir: Optional[Path]) -> Optional[Path]:
     return config_dir
 
 
-def _records_of(spec: DatasetSpec, config: Config, base: Optional[Path], formats: Counter) -> list[dict[str, Any]]:
+@dataclass
+class Rows:
+    """Every row of a run's data, by position: where each source's rows are, how each is read, and each
+    split's order. Nothing here holds a row: a chunk of positions is read where it is tokenised."""
+
+    sources: list[Any]
+    readings: list[Reading]
+    train: Order
+    val: Order
+    summary: Summary
+    kind: Optional[str]  # the record kind of the training rows
+
+
+def _entry(spec: DatasetSpec, config: Config, base: Optional[Path], rows: Rows, kinds: set) -> Order:
+    """One dataset entry's sources, added to `rows`; its rows in file order."""
+    from .sources import open_sources, rows_of
+
+    sources = open_sources(spec.path, base, spec.split)
+    first = next((next(rows_of(s.payload(np.zeros(1, dtype=np.int64))), None) for s in sources if len(s)), None)
+    reading = reading_for(spec, config, base, first)
+    if first is not None:
+        kinds.add(reading.record(first)["kind"])
+    parts = []
+    for source in sources:
+        parts.append(Order.of(len(rows.sources), len(source)))
+        rows.sources.append(source)
+        rows.readings.append(reading)
+    count, formats = sum(len(s) for s in sources), rows.summary.formats
+    if count:
+        formats[reading.name] = formats.get(reading.name, 0) + count
+    return Order.joined(parts)
+
+
+def plan_rows(config: Config, config_dir: Optional[Path] = None) -> Rows:
+    """Which rows train and validate, in what order, after mixing, the split and the caps (positions only)."""
     d = config.data
-    columns = {**d.dataset_columns, **spec.columns}
-    template = None
-    if d.instruction_tuned:
-        files = data_files(spec.path, base)
-        folder = files[0].parent if files else None
-        template = jumpstart_template(folder) if folder else None
-        if template is None:
-            raise DataError(f"{spec.path}: instruction_tuned is true but there is no template.json beside the data")
-    records: list[dict[str, Any]] = []
-    fmt: Optional[str] = None if spec.format == "auto" else spec.format
-    for row in read_rows(spec.path, base, spec.split):
-        values = rename_columns(row.values, columns)
-        row = Row(values, row.where)
-        if template is not None:
-            records.append(render_jumpstart(row, template))
-            formats["instruction (template.json)"] += 1
-            continue
-        if fmt is None:
-            fmt = detect_format(set(values))
-            if fmt is None:
-                expected = "; ".join(f"{k}: {v}" for k, v in FORMAT_COLUMNS.items())
-                raise DataError(
-                    f"{row.where}: cannot tell the format from the columns {sorted(values)}; expected {expected}. "
-                    "Map odd names with dataset_columns or set dataset_format"
-                )
-        records.append(normalise(row, fmt))
-        formats[fmt] += 1
-    return records
+    base = _base_dir(config, config_dir)
+    if not d.dataset:
+        raise DataError("dataset: no training data given; set `dataset:` to a file, folder or hub id")
+    empty = Order.joined([])
+    rows, kinds = Rows([], [], empty, empty, Summary(), None), set()
+    groups = [_entry(spec, config, base, rows, kinds) for spec in _entries(config, "train")]
+    mixed = mix(groups, d.dataset_weights, d.train_data_split_seed)
+    if d.validation_dataset:
+        rows.train, rows.val = mixed, Order.joined([_entry(s, config, base, rows, kinds) for s in _entries(config, "validation")])
+    else:
+        rows.train, rows.val = split(mixed, d.validation_split_ratio, d.train_data_split_seed)
+    summary = rows.summary
+    summary.rows_read = sum(len(s) for s in rows.sources)
+    summary.train_rows, summary.val_rows = len(rows.train), len(rows.val)
+    for which, cap in (("train", d.max_train_samples), ("val", d.max_val_samples)):
+        order = getattr(rows, which)
+        if cap >= 0 and len(order) > cap:
+            summary.capped[which] = len(order) - cap
+            setattr(rows, which, order.take(np.arange(cap)))
+    wrong = kinds_problem(config, kinds)
+    if wrong:
+        raise DataError(wrong)
+    rows.kind = next(iter(sorted(kinds)), None)
+    return rows
 
 
-def _mix(groups: list[list[dict[str, Any]]], weights: list[float], seed: int) -> list[dict[str, Any]]:
-    """Resample datasets to the given shares of the total row count (repeating small ones)."""
-    if not weights:
-        return [r for g in groups for r in g]
-    total = sum(len(g) for g in groups)
-    rng = random.Random(seed)
-    out = []
-    for group, weight in zip(groups, weights):
-        want = round(total * weight / sum(weights))
-        if not group:
-            continue
-        repeats, rest = divmod(want, len(group))
-        out += group * repeats + rng.sample(group, rest)
-    return out
+def kinds_problem(config: Config, kinds: set[str]) -> Optional[str]:
+    stage = stage_of(config)
+    wrong = kinds - stage.reads
+    if not wrong:
+        return None
+    return (f"stage {stage.name} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
+            f"{' or '.join(sorted(stage.reads))} data (check dataset_format and stage)")
 
 
-def split_rows(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of train and validation rows; the same seed always gives the same split."""
-    if ratio <= 0 or n < 2:
-        return list(range(n)), []
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_val = min(n - 1, max(1, round(n * ratio)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
+def chunk_size(rows: int, workers: int) -> int:
+    return max(64, min(2048, rows // (workers * 4) or 1))
+
+
+def _tasks(rows: Rows, which: str, workers: int, keep: bool = False) -> Iterator[tuple]:
+    """Each chunk of a split as a worker's task: the split's name, its first row's index and what to read."""
+    order = rows.train if which == "train" else rows.val
+    label = "training" if which == "train" else "validation"
+    for first, pieces in order.chunks(chunk_size(len(order), workers)):
+        yield label, first, [(source, rows.sources[source].payload(positions)) for source, positions in pieces], keep
+
+
+@dataclass
+class Reckoning:
+    """What reading (and tokenising) a split gave, chunk by chunk."""
+
+    examples: int = 0
+    rows: int = 0
+    outcomes: Counter = field(default_factory=Counter)
+    tallies: Counter = field(default_factory=Counter)
+    dropped: int = 0
+    first_drop: Optional[tuple[str, str]] = None
+    records: list = field(default_factory=list)
+
+    def add(self, done: Any) -> None:
+        self.rows += done.rows
+        self.outcomes += done.outcomes
+        self.tallies += done.tallies
+        self.dropped += done.dropped
+        self.first_drop = self.first_drop or done.first_drop
+        if done.records is not None:
+            self.records += done.records
+
+
+def read_only(config: Config, config_dir: Optional[Path], keep: bool = False) -> tuple[Rows, Reckoning, Reckoning]:
+    """Every row read and normalised as training will read it, without a tokenizer; the records kept only
+    when asked (small data: `load_records`)."""
+    rows = plan_rows(config, config_dir)
+    workers = 1 if keep else (config.data.preprocessing_num_workers or default_workers(len(rows.train) + len(rows.val)))
+    found = {"train": Reckoning(), "val": Reckoning()}
+    for which in ("train", "val"):
+        run_chunks(_tasks(rows, which, workers, keep), workers, (rows.readings, config, None, None, 0),
+                   lambda task, done, r=found[which]: r.add(done))
+    _tally_problem(config, found["train"])
+    return rows, found["train"], found["val"]
+
+
+def _tally_problem(config: Config, train: Reckoning) -> None:
+    problem = stage_of(config).tally_problem({k: n for k, n in train.tallies.items() if k is not None})
+    if problem:
+        raise DataError(problem)
 
 
 def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[list, list, Summary]:
-    """Canonical train and validation records after mixing, split and caps."""
-    d = config.data
-    base = _base_dir(config, config_dir)
-    summary = Summary()
-    formats: Counter = Counter()
-    if not d.dataset:
-        raise DataError("dataset: no training data given; set `dataset:` to a file, folder or hub id")
-    groups = [_records_of(spec, config, base, formats) for spec in _entries(config, "train")]
-    summary.rows_read = sum(len(g) for g in groups)
-    records = _mix(groups, d.dataset_weights, d.train_data_split_seed)
-    if d.validation_dataset:
-        val = [r for spec in _entries(config, "validation") for r in _records_of(spec, config, base, formats)]
-        summary.rows_read += len(val)
-        train = records
-    else:
-        train_idx, val_idx = split_rows(len(records), d.validation_split_ratio, d.train_data_split_seed)
-        train, val = [records[i] for i in train_idx], [records[i] for i in val_idx]
-    summary.formats = dict(formats)
-    summary.train_rows, summary.val_rows = len(train), len(val)
-    for which, cap in (("train", d.max_train_samples), ("val", d.max_val_samples)):
-        rows = train if which == "train" else val
-        if cap >= 0 and len(rows) > cap:
-            summary.capped[which] = len(rows) - cap
-            rows[:] = rows[:cap]
-    stage = stage_of(config)
-    kinds = {r["kind"] for r in train + val}
-    wrong = kinds - stage.reads
-    if wrong:
-        raise DataError(
-            f"stage {stage.name} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
-            f"{' or '.join(sorted(stage.reads))} data (check dataset_format and stage)"
-        )
-    train, val = stage.records(train, val, config)
-    return train, val, summary
+    """Canonical train and validation records after mixing, split and caps (held: for small data)."""
+    rows, train, val = read_only(config, config_dir, keep=True)
+    return train.records, val.records, rows.summary
 
 
 def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Optional[Summary]:
@@ -200,12 +231,12 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
             return Summary(**json.loads(known.read_text()))
         except (OSError, ValueError, TypeError):
             pass
-    train, _, summary = load_records(config, config_dir)
-    kept = [r for r in train if not r.get("drop")]
-    if train and not kept:  # what tokenising would find too: say it before a model loads
-        raise DataError(f"no training example is left after filtering ({len(train)} dropped: {train[0]['drop']}); "
-                        f"the first is {train[0]['where']}; fix the data")
-    return summary
+    rows, train, _ = read_only(config, config_dir)
+    if train.rows and train.dropped == train.rows:  # what tokenising would find too: say it before a model loads
+        where, why = train.first_drop
+        raise DataError(f"no training example is left after filtering ({train.dropped} dropped: {why}); "
+                        f"the first is {where}; fix the data")
+    return rows.summary
 
 
 def _remember_records(config: Config, config_dir: Optional[Path], summary: Summary) -> None:
@@ -214,8 +245,8 @@ def _remember_records(config: Config, config_dir: Optional[Path], summary: Summa
     try:
         known.parent.mkdir(parents=True, exist_ok=True)
         saved = asdict(summary)
-        saved.pop("from_cache")
-        saved.pop("cache_mib")
+        for kept_apart in ("from_cache", "cache_mib", "streamed"):
+            saved.pop(kept_apart)
         known.write_text(json.dumps(saved))
     except OSError:
         pass  # a read-only cache folder: the rows are read again next time
@@ -266,18 +297,6 @@ def fingerprint(config: Config, tokenizer: Any, max_len: int, config_dir: Option
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-_WORKER: dict[str, Any] = {}  # in a tokenising worker: the renderer, tokenizer and limits, sent once at its start
-
-
-def _start_worker(renderer: Any, tokenizer: Any, max_len: int, policy: str) -> None:
-    _WORKER.update(renderer=renderer, tokenizer=tokenizer, max_len=max_len, policy=policy)
-
-
-def _tokenize_chunk(records: list[dict[str, Any]]) -> tuple[list, Counter]:
-    w = _WORKER
-    return tokenize_records(records, w["renderer"], w["tokenizer"], w["max_len"], w["policy"])
-
-
 def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int) -> None:
     """max_input_length must hold the template around a one-word exchange and some answer: else every row
     would be cut to the template's last tokens and trained without its prompt."""
@@ -295,45 +314,49 @@ def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, ma
         )
 
 
-def tokenize_all(
-    records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int, policy: str, workers: int, label: str,
-    sink: Any,
-) -> tuple[int, Counter]:
-    """Tokenise in chunks (on `workers` processes), each chunk's examples handed to `sink.add` as it is done,
-    so only a chunk's examples are held; (examples written, outcomes)."""
+class Blocks:
+    """pt: documents joined with the end token into one stream, cut into rows of max_len as chunks arrive."""
+
+    def __init__(self, writer: Any, max_len: int):
+        self.writer, self.max_len = writer, max_len
+        self.carry = np.zeros(0, dtype=np.int32)
+
+    def add(self, columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        if columns:
+            self.carry = np.concatenate([self.carry, columns["input_ids"][0]])
+        whole = len(self.carry) // self.max_len * self.max_len
+        if whole:
+            self._write(self.carry[:whole], np.full(whole // self.max_len, self.max_len, dtype=np.int64))
+            self.carry = self.carry[whole:]
+
+    def _write(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        if self.max_len > 1 or len(values) > 1:  # a row of one token trains nothing
+            self.writer.add({"input_ids": (values, lengths), "labels": (values, lengths)})
+
+    def close(self) -> list[str]:
+        if len(self.carry) > 1:
+            self._write(self.carry, np.array([len(self.carry)], dtype=np.int64))
+        return self.writer.close()
+
+
+def tokenize_all(rows: Rows, which: str, start: tuple, workers: int, sink: Any) -> Reckoning:
+    """Read and tokenise a split in chunks (on `workers` processes), each chunk's columns handed to `sink.add`
+    as it is done, so only a few chunks are held at once."""
     from tqdm.auto import tqdm
 
-    if not records:
-        return 0, Counter()
-    if records[0]["kind"] == "text":  # documents are joined across rows: one stream
-        examples, outcomes = tokenize_records(records, renderer, tokenizer, max_len, policy)
-        for start in range(0, len(examples), 4096):
-            sink.add(examples[start : start + 4096])
-        return len(examples), outcomes
-    size = max(64, min(2048, len(records) // (workers * 4) or 1))
-    chunks = [records[i : i + size] for i in range(0, len(records), size)]
-    written, outcomes = 0, Counter()
-    bar = tqdm(total=len(records), desc=f"tokenising {label}", unit="row", leave=False, disable=len(chunks) < 4)
-    if workers > 1:
-        import multiprocessing
+    order = rows.train if which == "train" else rows.val
+    reckoning = Reckoning()
+    bar = tqdm(total=len(order), desc=f"tokenising {'train' if which == 'train' else 'validation'}", unit="row",
+               leave=False, disable=len(order) < 4 * chunk_size(len(order), workers))
 
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, _start_worker, (renderer, tokenizer, max_len, policy)) as pool:
-            for (part, counts), chunk in zip(pool.imap(_tokenize_chunk, chunks), chunks):
-                sink.add(part)
-                written, outcomes = written + len(part), outcomes + counts
-                bar.update(len(chunk))
-    else:
-        _start_worker(renderer, tokenizer, max_len, policy)
-        for chunk in chunks:
-            part, counts = _tokenize_chunk(chunk)
-            sink.add(part)
-            written, outcomes = written + len(part), outcomes + counts
-            bar.update(len(chunk))
-        _WORKER.clear()
+    def done(task: tuple, result: Any) -> None:
+        sink.add(result.columns or {})
+        reckoning.add(result)
+        bar.update(result.rows)
+
+    run_chunks(_tasks(rows, which, workers), workers, start, done)
     bar.close()
-    return written, outcomes
+    return reckoning
 
 
 def resolve_max_len(config: Config, context_length: int) -> int:
@@ -348,12 +371,15 @@ def resolve_max_len(config: Config, context_length: int) -> int:
     return wanted
 
 
-def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Optional[Path] = None) -> Prepared:
+def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Optional[Path] = None,
+            processes: int = 1) -> Prepared:
     d = config.data
     max_len = resolve_max_len(config, context_length)
-    key = fingerprint(config, tokenizer, max_len, config_dir)
-    from . import cache  # numpy: kept out of `lmtune check`, which reads records only
+    if d.streaming:
+        from .stream import streamed
 
+        return streamed(config, tokenizer, max_len, _base_dir(config, config_dir), processes)
+    key = fingerprint(config, tokenizer, max_len, config_dir)
     folder = cache.folder(d.cache_dir, key)
     if not d.overwrite_cache:
         hit = cache.load(folder)
@@ -362,30 +388,31 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             summary = Summary(**saved)
             summary.from_cache, summary.cache_mib = True, cache.disk_bytes(folder) / 2**20
             return Prepared(train, val, summary, folder)
-    train_records, val_records, summary = load_records(config, config_dir)
+    rows = plan_rows(config, config_dir)
+    summary = rows.summary
     read = Summary(**asdict(summary))  # what reading the rows found, before tokenising adds to it
     renderer = pick_renderer(tokenizer, d.template, d.train_on_inputs, d.add_input_output_demarcation_key,
                              d.train_on_reasoning, d.enable_thinking, note=print)
-    if d.truncation != "drop":  # dropping says itself how many rows were too long
-        leaves_room(train_records, renderer, tokenizer, max_len)
-    workers = d.preprocessing_num_workers or default_workers(len(train_records) + len(val_records))
+    if d.truncation != "drop" and rows.kind:  # dropping says itself how many rows were too long
+        leaves_room([{"kind": rows.kind}], renderer, tokenizer, max_len)
+    workers = d.preprocessing_num_workers or default_workers(len(rows.train) + len(rows.val))
+    start = (rows.readings, config, renderer, tokenizer, max_len)
     try:
         with staged_folder(folder) as staging:
-            outcomes: Counter = Counter()
-            fields = {}
-            for split, records in (("train", train_records), ("val", val_records)):
+            found, fields = {}, {}
+            for split in ("train", "val"):
                 writer = cache.Writer(staging, split)
-                count, counts = tokenize_all(records, renderer, tokenizer, max_len, d.truncation, workers,
-                                             "train" if split == "train" else "validation", writer)
-                fields[split] = writer.close()
-                outcomes += counts
-                setattr(summary, f"{split}_examples", count)
-            summary.outcomes, summary.max_len = dict(outcomes), max_len
+                sink = Blocks(writer, max_len) if rows.kind == "text" else writer
+                found[split] = tokenize_all(rows, split, start, workers, sink)
+                fields[split] = sink.close()
+                setattr(summary, f"{split}_examples", writer.count)
+            _tally_problem(config, found["train"])
+            summary.outcomes, summary.max_len = dict(found["train"].outcomes + found["val"].outcomes), max_len
             if not summary.train_examples:
-                raise _nothing_left(summary, train_records)
+                raise _nothing_left(summary, found["train"].first_drop)
             saved = asdict(summary)
-            saved.pop("from_cache")
-            saved.pop("cache_mib")
+            for kept_apart in ("from_cache", "cache_mib", "streamed"):
+                saved.pop(kept_apart)
             cache.seal(staging, fields, saved)
     except OSError as exc:
         raise _write_failed(folder, exc) from None
@@ -403,10 +430,9 @@ def default_workers(rows: int) -> int:
     return min(os.cpu_count() or 1, 8) if rows >= MANY_ROWS else 1
 
 
-def _nothing_left(summary: Summary, train_records: list[dict[str, Any]]) -> DataError:
+def _nothing_left(summary: Summary, first_drop: Optional[tuple[str, str]]) -> DataError:
     reasons = ", ".join(f"{n} {k}" for k, n in summary.outcomes.items()) or "no rows"
-    first = next((r for r in train_records if r.get("drop")), None)
-    where = f"; the first is {first['where']} ({first['drop']})" if first else ""
+    where = f"; the first is {first_drop[0]} ({first_drop[1]})" if first_drop else ""
     return DataError(f"no training example is left after filtering ({reasons}){where}; check max_input_length and the data")
 
 

@@ -159,10 +159,11 @@ def data_files(location: str, base: Optional[Path] = None) -> list[Path]:
     return []
 
 
-def read_rows(location: str, base: Optional[Path] = None, split: str = "train") -> Iterator[Row]:
+def read_rows(location: str, base: Optional[Path] = None, split: str = "train", streaming: bool = False) -> Iterator[Row]:
+    """The rows of one dataset entry in order; a hub dataset read as a stream when `streaming`."""
     files = data_files(location, base)
     if not files:
-        yield from _read_hub(location, split)
+        yield from _read_hub(location, split, streaming)
         return
     path = _locate(location, base)
     if _saved_dataset(path):
@@ -185,17 +186,20 @@ def read_rows(location: str, base: Optional[Path] = None, split: str = "train") 
             ) from None
 
 
-def _read_hub(name: str, split: str) -> Iterator[Row]:
+def load_hub(name: str, split: str, streaming: bool = False) -> Any:
     """The ordinary `datasets` path for hub ids; never reached offline in tests."""
     from datasets import load_dataset
 
     try:
-        loaded = load_dataset(name, split=split)
+        return load_dataset(name, split=split, streaming=streaming)
     except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:  # offline, a typo, a private dataset
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DataError(f"dataset: {name} cannot be loaded from the Hugging Face Hub ({first}); check the name, that "
                         "this machine is online, or give a local file") from None
-    for number, item in enumerate(loaded, 1):
+
+
+def _read_hub(name: str, split: str, streaming: bool = False) -> Iterator[Row]:
+    for number, item in enumerate(load_hub(name, split, streaming), 1):
         yield Row(dict(item), f"{name} row {number}")
 
 

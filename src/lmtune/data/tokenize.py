@@ -258,7 +258,7 @@ def tokenize_unpaired(
 
 def example_columns(example: dict[str, Any]) -> dict[str, Any]:
     """A prompt example's other columns (stored as the bytes of their JSON)."""
-    if "columns" not in example:
+    if len(example.get("columns", ())) == 0:
         return {}
     return json.loads(bytes(int(b) for b in example["columns"]).decode())
 

@@ -271,7 +271,8 @@ class Run:
         tokenizer = load_tokenizer(self.config)
         self.phase("tokenizer")
         with distributed.main_first(self.accelerator):  # one process writes the tokenised-data cache
-            data = prepare(self.config, tokenizer, context_length(load_model_config(self.config)), config_dir)
+            data = prepare(self.config, tokenizer, context_length(load_model_config(self.config)), config_dir,
+                           self.accelerator.num_processes)
         self.phase("data")
         for line in data.summary.lines():
             self.say(f"data: {line}")

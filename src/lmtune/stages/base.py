@@ -70,6 +70,7 @@ class Stage:
     data_parallel: bool = True  # trains on several processes, each on its share of every step
     shards: bool = True  # trains sharded (FSDP2) with full fine-tuning
     evaluates_on_data: bool = True  # has a loss on held-out rows (`lmtune eval`)
+    streams: bool = True  # learns from examples in stream order, one micro batch at a time (`streaming: true`)
 
     def keys(self) -> tuple[str, ...]:
         """Every stage-owned setting it reads."""
@@ -80,10 +81,19 @@ class Stage:
         """Its own checks of a validated config, before any model or data loads."""
         return []
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
-        """Canonical train and validation records as the stage learns from them (ppo keeps the prompt side);
-        raises DataError for data the stage cannot learn from (`check` reads local data through it too)."""
-        return train, val
+    def record(self, record: dict[str, Any], which: str, number: int, config: "Config") -> dict[str, Any]:
+        """A canonical record as the stage learns from it (ppo keeps the prompt side); raises DataError for a row
+        the stage cannot learn from, naming it as the `number`th `which` ("training", "validation") row. Runs
+        on each row in the process that tokenises it (`check` reads local data through it too)."""
+        return record
+
+    def tally(self, record: dict[str, Any]) -> Optional[str]:
+        """What the stage counts over its training rows (kto: each label), for `tally_problem`."""
+        return None
+
+    def tally_problem(self, tallies: dict[Optional[str], int]) -> Optional[str]:
+        """One line when the training rows, as tallied, cannot train the stage; None when they can."""
+        return None
 
     def objective(self, config: "Config") -> Objective:
         raise NotImplementedError(f"stage {self.name} runs its own recipe")

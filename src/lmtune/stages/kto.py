@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from ..config.fields import Group, setting
 from ..config.method import trains_adapters
 from ..config.problem import Problem
-from ..data.records import DataError
 from ..data.tokenize import IGNORE
 from ..lazy import lazy
 from .base import Objective, Stage
@@ -185,6 +184,7 @@ class KTO(Objective):
 
 class KahnemanTversky(Stage):
     name = "kto"
+    streams = False  # each answer is compared with answers of other rows
     summary = "Kahneman-Tversky optimisation on single answers labelled desirable or undesirable"
     reads = frozenset({"unpaired"})
     settings = KTOArgs
@@ -208,13 +208,16 @@ class KahnemanTversky(Stage):
             out.append(Problem("note", "precompute_ref_logps", "not needed with LoRA: the reference is the base with the adapter off"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
+    def tally(self, record: dict[str, Any]) -> Optional[str]:
+        return "desirable" if record["label"] else "undesirable"
+
+    def tally_problem(self, tallies: dict[Optional[str], int]) -> Optional[str]:
         """Both labels must be in the training rows: with one, the loss only pushes every answer one way."""
-        labels = {bool(r["label"]) for r in train}
-        if len(labels) == 1:
-            side, other = ("desirable", "undesirable (label: false)") if labels == {True} else ("undesirable", "desirable (label: true)")
-            raise DataError(f"dataset: all {len(train)} kto training rows are {side}; kto needs both kinds: add {other} rows")
-        return train, val
+        if len(tallies) != 1:
+            return None
+        [(side, count)] = tallies.items()
+        other = "undesirable (label: false)" if side == "desirable" else "desirable (label: true)"
+        return f"dataset: all {count} kto training rows are {side}; kto needs both kinds: add {other} rows"
 
 
 KTO_STAGE = KahnemanTversky()

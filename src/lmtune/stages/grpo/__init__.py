@@ -103,6 +103,7 @@ class GRPOArgs(Group):
 
 class GroupRelative(Stage):
     name = "grpo"
+    streams = False  # its prompts are drawn in its own order
     summary = "reinforcement learning from verifiable rewards, group-relative, with the DAPO, BNPO, GSPO and Dr. GRPO variants"
     reads = frozenset({"prompt", "chat", "preference", "unpaired"})
     settings = GRPOArgs
@@ -144,17 +145,14 @@ class GroupRelative(Stage):
                                "GSPO uses 3e-4 to 4e-4"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
+    def record(self, record: dict[str, Any], which: str, number: int, config: "Config") -> dict[str, Any]:
         """The prompt side of each row, with its other columns; exact_match's reference column checked in every row."""
-        train, val = [as_prompt(r) for r in train], [as_prompt(r) for r in val]
+        record = as_prompt(record)
         f = config.finetuning
-        if "exact_match" in reward_entries(f.reward_function):
-            for which, records in (("training", train), ("validation", val)):
-                for number, record in enumerate(records, 1):
-                    if f.reward_answer_column not in record.get("columns", {}):
-                        raise DataError(f"dataset: {which} row {number} has no `{f.reward_answer_column}` column, which the "
-                                        "exact_match reward compares against; add it, or set reward_answer_column")
-        return train, val
+        if "exact_match" in reward_entries(f.reward_function) and f.reward_answer_column not in record.get("columns", {}):
+            raise DataError(f"dataset: {which} row {number} has no `{f.reward_answer_column}` column, which the "
+                            "exact_match reward compares against; add it, or set reward_answer_column")
+        return record
 
 
 GRPO = GroupRelative()

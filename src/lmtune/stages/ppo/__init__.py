@@ -118,6 +118,7 @@ def reward_problems(r: "Resolved") -> list[Problem]:
 
 class ProximalPolicyOptimisation(Stage):
     name = "ppo"
+    streams = False  # its prompts are drawn in its own order
     summary = "reinforcement learning against a reward model or a reward function"
     reads = frozenset({"prompt", "chat", "preference", "unpaired"})
     settings = PPOArgs
@@ -136,8 +137,8 @@ class ProximalPolicyOptimisation(Stage):
             out.append(Problem("error", "packing", "packing lays out fixed data, not ppo's rollouts; set packing: false"))
         return out
 
-    def records(self, train: list[dict[str, Any]], val: list[dict[str, Any]], config: "Config") -> tuple[list, list]:
-        return [as_prompt(r) for r in train], [as_prompt(r) for r in val]
+    def record(self, record: dict[str, Any], which: str, number: int, config: "Config") -> dict[str, Any]:
+        return as_prompt(record)
 
     recipe = "lmtune.stages.ppo.train:train_ppo"
 

@@ -1,0 +1,183 @@
+"""A dataset entry's rows, addressable by position, so any process can read any chunk of them.
+
+The main process indexes each entry once; a chunk of positions then becomes a
+small payload that a tokenising worker turns back into rows. A JSON-lines file
+is indexed by the byte offsets of its lines (a newline scan in numpy, 12 bytes
+per row): its rows are parsed only in the worker that tokenises them, so no
+process holds the dataset. Arrow data (parquet, hub datasets, `save_to_disk`
+folders) is memory-mapped and read by position. A JSON array, CSV or text
+file has to be parsed whole: its rows are held, which suits the sizes those
+formats come in (docs/data.md says to give millions of rows as JSON lines).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from .records import READERS, TOO_DEEP, DataError, Row, _locate, _saved_dataset, data_files, load_hub
+
+BLOCK = 1 << 26  # bytes scanned for newlines at a time: the index, not the file, is what stays in memory
+BOM = b"\xef\xbb\xbf"
+
+
+class JsonLines:
+    """Rows of a JSON-lines file: the byte span and line number of each non-blank line."""
+
+    def __init__(self, path: Path):
+        self.path = path.resolve()
+        stat = self.path.stat()
+        self.version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)  # a file rewritten in place is mapped afresh
+        self.starts, self.ends, self.lines = _line_index(self.path)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def payload(self, positions: np.ndarray) -> tuple:
+        return ("lines", (str(self.path), self.version), self.starts[positions], self.ends[positions], self.lines[positions])
+
+
+class HeldRows:
+    """Rows parsed whole in the main process (a JSON array, CSV or text file)."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def payload(self, positions: np.ndarray) -> tuple:
+        return ("rows", [self.rows[int(i)] for i in positions])
+
+
+class ArrowRows:
+    """Rows of a memory-mapped Arrow table, read by position."""
+
+    def __init__(self, table: Any, name: str):
+        self.table, self.name = table, name
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def payload(self, positions: np.ndarray) -> tuple:
+        values = self.table.take(positions).to_pylist()
+        return ("rows", [Row(v, f"{self.name} row {int(i) + 1}") for v, i in zip(values, positions)])
+
+
+def _line_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    size = path.stat().st_size
+    if size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty.astype(np.int32)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    breaks = [np.flatnonzero(data[at : at + BLOCK] == 10) + at for at in range(0, size, BLOCK)]
+    newlines = np.concatenate(breaks) if breaks else np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
+    ends = np.concatenate([newlines, [size]]).astype(np.int64)
+    if size >= 3 and bytes(data[:3]) == BOM:  # Excel and Notepad write one: read past it
+        starts[0] = 3
+    ends = ends - ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 13))  # Windows line ends
+    numbers = np.arange(1, len(starts) + 1, dtype=np.int32)
+    short = np.flatnonzero((ends - starts) < 16)  # blank lines are short: look at those alone
+    blank = [i for i in short if not bytes(data[starts[i] : ends[i]]).strip()]
+    keep = np.ones(len(starts), dtype=bool)
+    keep[blank] = False
+    del data
+    return starts[keep], ends[keep], numbers[keep]
+
+
+_OPEN: dict[str, Any] = {}  # in a worker: each JSON-lines file mapped once
+
+
+def rows_of(payload: tuple) -> Iterator[Row]:
+    """The rows a payload names (in the process that tokenises them)."""
+    if payload[0] == "rows":
+        yield from payload[1]
+        return
+    _, key, starts, ends, lines = payload
+    name = key[0]
+    data = _OPEN.get(key)
+    if data is None:
+        with open(name, "rb") as handle:
+            data = _OPEN[key] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    short = Path(name).name
+    for start, end, number in zip(starts.tolist(), ends.tolist(), lines.tolist()):
+        raw = data[start:end]
+        try:
+            value = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{name} line {number}: not UTF-8 text (byte {start + exc.start}: "
+                            f"{raw[exc.start:exc.start + 1]!r}); re-save the file as UTF-8") from None
+        except json.JSONDecodeError as exc:
+            if not raw.strip():
+                continue
+            raise DataError(f"{name} line {number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line") from None
+        except RecursionError:
+            raise DataError(f"{name} line {number}: {TOO_DEEP}") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{name} line {number}: expected a JSON object per line, got {type(value).__name__}")
+        yield Row(value, f"{short} line {number}")
+
+
+def close_files() -> None:
+    for data in _OPEN.values():
+        data.close()
+    _OPEN.clear()
+
+
+def open_sources(location: str, base: Optional[Path], split: str) -> list[Any]:
+    """The sources behind one dataset entry, in file order."""
+    files = data_files(location, base)
+    if not files:
+        return [ArrowRows(_hub_table(location, split), location)]
+    path = _locate(location, base)
+    if _saved_dataset(path):
+        from datasets import load_from_disk
+
+        loaded = load_from_disk(str(path))
+        if hasattr(loaded, "keys"):  # a DatasetDict
+            loaded = loaded[split]
+        return [ArrowRows(loaded.data.table if hasattr(loaded.data, "table") else loaded.data, path.name)]
+    return [_file_source(file) for file in files]
+
+
+def _file_source(file: Path) -> Any:
+    if file.suffix == ".jsonl" or (file.suffix == ".json" and _holds_json_lines(file)):
+        return JsonLines(file)
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return ArrowRows(pq.read_table(file, memory_map=True), file.name)
+    try:
+        return HeldRows(list(READERS[file.suffix](file)))
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{file} line {line}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _holds_json_lines(file: Path) -> bool:
+    """A .json file of one object per line (as many tools write them), told from a JSON array by its first
+    character: an array opens with `[`, a wrapper object spans lines."""
+    with file.open("rb") as handle:
+        head = handle.read(1 << 16).lstrip(BOM).lstrip()
+    if not head.startswith(b"{"):
+        return False
+    first, _, rest = head.partition(b"\n")
+    try:
+        json.loads(first)
+    except ValueError:
+        return False
+    return bool(rest.strip())  # one line alone is one JSON value: read whole, as a wrapper or a list
+
+
+def _hub_table(name: str, split: str) -> Any:
+    """A hub dataset's Arrow table (its cache, memory-mapped)."""
+    loaded = load_hub(name, split)
+    return loaded.data.table if hasattr(loaded.data, "table") else loaded.data
