@@ -94,3 +94,61 @@ def test_the_summary_reports_the_cache_size_on_disk(tmp_path, tokenizer):
     assert data.summary.cache_mib == pytest.approx(cache.disk_bytes(data.folder) / 2**20)
     assert any("MiB on disk, memory-mapped" in line for line in data.summary.lines())
     json.dumps(data.summary.lines())
+
+
+def test_a_bad_row_deep_in_a_file_read_by_workers_is_named_by_line(tmp_path, tokenizer):
+    rows = alpaca_rows(3000)
+    rows[2456] = {"instruction": "q", "output": ""}
+    with pytest.raises(DataError, match=r"train\.jsonl line 2457: the field `output` is missing or empty"):
+        prepare(config_for(tmp_path, rows, preprocessing_num_workers=2), tokenizer, 2048)
+
+
+def test_line_ends_marks_and_blank_lines_are_read_as_the_line_reader_reads_them(tmp_path, tokenizer):
+    rows = alpaca_rows(5)
+    body = "\r\n".join(json.dumps(r) for r in rows[:3]) + "\r\n\r\n   \n" + "\n".join(json.dumps(r) for r in rows[3:])
+    (tmp_path / "odd.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # JSON lines named .json
+    plain = prepare(config_for(tmp_path, rows), tokenizer, 2048)
+    for name in ("odd.jsonl", "lines.json"):
+        data = prepare(config_for(tmp_path, rows, dataset=str(tmp_path / name)), tokenizer, 2048)
+        assert data.summary.rows_read == 5 and [e["input_ids"].tolist() for e in data.train] == \
+            [e["input_ids"].tolist() for e in plain.train], name
+
+
+def test_a_field_that_first_appears_in_a_later_chunk_is_empty_in_the_earlier_examples(tmp_path):
+    writer = cache.Writer(tmp_path, "train")
+    writer.add([{"input_ids": [1, 2]}, {"input_ids": [3]}])
+    writer.add([{"input_ids": [4], "columns": [7, 8]}, {"input_ids": [5, 6]}])
+    fields = writer.close()
+    cache.seal(tmp_path, {"train": fields, "val": []}, {})
+    train, _, _ = cache.load(tmp_path)
+    assert [e["input_ids"].tolist() for e in train] == [[1, 2], [3], [4], [5, 6]]
+    assert [e["columns"].tolist() for e in train] == [[], [], [7, 8], []]
+
+
+def test_the_main_process_holds_an_index_not_the_rows(tmp_path, tokenizer):
+    from lmtune.data.pipeline import plan_rows
+    from lmtune.data.sources import JsonLines
+
+    config = config_for(tmp_path, alpaca_rows(500))
+    rows = plan_rows(config)
+    [source] = rows.sources
+    assert isinstance(source, JsonLines) and len(source) == 500
+    assert source.starts.nbytes + source.ends.nbytes + source.lines.nbytes == 500 * 20
+    assert len(rows.train) == 500 and rows.train.position.dtype == np.int64
+
+
+def test_the_line_index_is_the_same_whatever_the_block_it_reads(tmp_path, monkeypatch):
+    from lmtune.data import sources
+
+    rows = alpaca_rows(40)
+    text = "\r\n".join(json.dumps(r) for r in rows[:20]) + "\n\n  \n" + "\n".join(json.dumps(r) for r in rows[20:])
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    whole = sources.JsonLines(path)
+    monkeypatch.setattr(sources, "BLOCK", 7)  # lines far longer than a block: each read on into the next
+    small = sources.JsonLines(path)
+    for field in ("starts", "ends", "lines"):
+        assert getattr(small, field).tolist() == getattr(whole, field).tolist()
+    read = [row.values for row in sources.rows_of(small.payload(np.arange(40)))]
+    assert read == rows and whole.lines.tolist()[20] == 23  # line numbers count the blank lines

@@ -13,7 +13,7 @@ formats come in (docs/data.md says to give millions of rows as JSON lines).
 from __future__ import annotations
 
 import json
-import mmap
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from .records import READERS, TOO_DEEP, DataError, Row, _locate, _saved_dataset, data_files, load_hub
 
-BLOCK = 1 << 26  # bytes scanned for newlines at a time: the index, not the file, is what stays in memory
+BLOCK = 1 << 23  # bytes scanned for newlines at a time: the index, not the file, is what stays in memory
 BOM = b"\xef\xbb\xbf"
 
 
@@ -69,28 +69,44 @@ class ArrowRows:
 
 
 def _line_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    size = path.stat().st_size
-    if size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty.astype(np.int32)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    breaks = [np.flatnonzero(data[at : at + BLOCK] == 10) + at for at in range(0, size, BLOCK)]
-    newlines = np.concatenate(breaks) if breaks else np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-    ends = np.concatenate([newlines, [size]]).astype(np.int64)
-    if size >= 3 and bytes(data[:3]) == BOM:  # Excel and Notepad write one: read past it
-        starts[0] = 3
-    ends = ends - ((ends > starts) & (data[np.maximum(ends - 1, 0)] == 13))  # Windows line ends
-    numbers = np.arange(1, len(starts) + 1, dtype=np.int32)
-    short = np.flatnonzero((ends - starts) < 16)  # blank lines are short: look at those alone
-    blank = [i for i in short if not bytes(data[starts[i] : ends[i]]).strip()]
-    keep = np.ones(len(starts), dtype=bool)
-    keep[blank] = False
-    del data
-    return starts[keep], ends[keep], numbers[keep]
+    """(start, end, line number) of each non-blank line, read a block at a time (never the file at once)."""
+    starts, ends, lines = [], [], []
+    offset, counted, carry = 0, 0, b""  # the file offset of carry's first byte; lines before it
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(BLOCK)
+            if offset == 0 and not carry and block.startswith(BOM):  # Excel and Notepad write one: read past it
+                block, offset = block[len(BOM):], len(BOM)
+            buffer, last = carry + block, not block
+            if last and not buffer:
+                break
+            data = np.frombuffer(buffer, dtype=np.uint8)
+            breaks = np.flatnonzero(data == 10)
+            if last:
+                begin, end, cut = np.concatenate([[0], breaks + 1]), np.concatenate([breaks, [len(data)]]), len(data)
+            elif breaks.size:
+                begin, end, cut = np.concatenate([[0], breaks[:-1] + 1]), breaks, int(breaks[-1]) + 1
+            else:  # one line longer than the block: read on
+                carry = buffer
+                continue
+            end = end - ((end > begin) & (data[np.maximum(end - 1, 0)] == 13))  # Windows line ends
+            keep = end > begin
+            short = np.flatnonzero(keep & ((end - begin) < 16))  # blank lines are short: look at those alone
+            keep[[i for i in short.tolist() if not buffer[begin[i] : end[i]].strip()]] = False
+            starts.append(begin[keep] + offset)
+            ends.append(end[keep] + offset)
+            lines.append(np.flatnonzero(keep).astype(np.int32) + counted + 1)
+            counted += len(begin)
+            carry, offset = buffer[cut:], offset + cut
+            if last:
+                break
+    if not starts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    return (np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64),
+            np.concatenate(lines).astype(np.int32))
 
 
-_OPEN: dict[str, Any] = {}  # in a worker: each JSON-lines file mapped once
+_OPEN: dict[Any, int] = {}  # in a worker: each JSON-lines file opened once
 
 
 def rows_of(payload: tuple) -> Iterator[Row]:
@@ -100,13 +116,16 @@ def rows_of(payload: tuple) -> Iterator[Row]:
         return
     _, key, starts, ends, lines = payload
     name = key[0]
-    data = _OPEN.get(key)
-    if data is None:
-        with open(name, "rb") as handle:
-            data = _OPEN[key] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    handle = _OPEN.get(key)
+    if handle is None:
+        handle = _OPEN[key] = os.open(name, os.O_RDONLY)
+    # Read with pread, not a mapping: the file's pages then stay in the page cache and out of this process's memory.
+    low, high = (int(starts.min()), int(ends.max())) if len(starts) else (0, 0)
+    whole = high - low <= 2 * int((ends - starts).sum()) + (1 << 16)  # a run of nearby lines: one read for all
+    span = os.pread(handle, high - low, low) if whole else b""
     short = Path(name).name
     for start, end, number in zip(starts.tolist(), ends.tolist(), lines.tolist()):
-        raw = data[start:end]
+        raw = span[start - low : end - low] if whole else os.pread(handle, end - start, start)
         try:
             value = json.loads(raw)
         except UnicodeDecodeError as exc:
@@ -124,8 +143,8 @@ def rows_of(payload: tuple) -> Iterator[Row]:
 
 
 def close_files() -> None:
-    for data in _OPEN.values():
-        data.close()
+    for handle in _OPEN.values():
+        os.close(handle)
     _OPEN.clear()
 
 
