@@ -43,17 +43,19 @@ data.map(render, batched=True, num_proc=workers if workers > 1 else None, remove
 """
 
 FIRST_BATCH = r"""
-import sys
+import sys, time
 from lmtune.config import load_config
 from lmtune.data.pipeline import prepare
 from lmtune.model.load import context_length, load_model_config, load_tokenizer
 from lmtune.stages import objective_for
 config = load_config(sys.argv[1])
 tokenizer = load_tokenizer(config)
+began = time.perf_counter()
 data = prepare(config, tokenizer, context_length(load_model_config(config)))
 assert data.summary.from_cache
 batches = objective_for(config).batches(data.train, config, tokenizer, shuffle=True)
 next(iter(batches.epoch(0)))
+print("DATA", time.perf_counter() - began)
 """
 
 
@@ -101,18 +103,25 @@ def _pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak memory MiB: PSS summed over the process and all its workers, sampled every 0.1 s)."""
+def measured(command: list[str], limit: float = 3600) -> tuple[float, float, str]:
+    """(wall seconds, peak memory MiB: PSS summed over the process and all its workers, sampled every 0.5 s,
+    what it printed); wall is inf when it ran past `limit` seconds (stopped)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0.0
     while process.poll() is None:
         peak = max(peak, _pss_mib(_tree(process.pid)))
-        time.sleep(0.1)
+        if time.perf_counter() - started > limit:
+            for pid in _tree(process.pid):
+                subprocess.run(["kill", "-9", str(pid)])
+            process.wait()
+            return float("inf"), peak, ""
+        time.sleep(0.5)
     wall = time.perf_counter() - started
+    out, err = process.communicate()
     if process.returncode != 0:
-        raise SystemExit(f"{command[:3]} failed: {process.stderr.read()[-2000:]}")
-    return wall, peak
+        raise SystemExit(f"{command[:3]} failed: {err[-2000:]}")
+    return wall, peak, out
 
 
 def _cache_pages(pid: int, folder: Path) -> tuple[float, float]:
@@ -175,18 +184,22 @@ def main() -> None:
              f"Generated alpaca rows, ChatML, the builtin tokenizer, {args.workers} workers, cold caches; "
              "peak memory: PSS summed over the process and its workers (shared pages counted once). `datasets` is `load_dataset(\"json\")` + "
              "`.map(batched=True, num_proc)` rendering the same text (`benchmarks/data_scale.py`).", "",
-             "| rows | lmtune wall s | lmtune peak MiB | datasets wall s | datasets peak MiB | lmtune warm start to first batch s | cache MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rows | lmtune wall s | rows/s | lmtune peak MiB | datasets wall s | rows/s | datasets peak MiB | "
+             "lmtune warm: process start to first batch s (the data's share) | cache MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for rows in args.rows:
         data = rows_file(work, rows)
         config = lmtune_config(work, data, args.workers)
         subprocess.run(["rm", "-rf", str(work / f"cache-{data.stem}")], check=True)
         ours = measured([sys.executable, "-m", "lmtune", "data", str(config)])
         warm = measured([sys.executable, "-c", FIRST_BATCH, str(config)])
-        with tempfile.TemporaryDirectory() as arrow:
-            theirs = measured([sys.executable, "-c", DATASETS_MAP, str(data), str(args.workers), arrow])
+        share = float(warm[2].split("DATA")[-1])
+        with tempfile.TemporaryDirectory() as arrow:  # a pool that hangs is stopped at 3x lmtune's time
+            theirs = measured([sys.executable, "-c", DATASETS_MAP, str(data), str(args.workers), arrow], 3 * ours[0] + 120)
         size = sum(p.stat().st_size for p in (work / f"cache-{data.stem}").rglob("*") if p.is_file()) / 2**20
-        lines.append(f"| {rows:,} | {ours[0]:.1f} | {ours[1]:,.0f} | {theirs[0]:.1f} | {theirs[1]:,.0f} | {warm[0]:.1f} | {size:,.0f} |")
+        wall = f"{theirs[0]:.1f}" if theirs[0] != float("inf") else f"did not finish in {3 * ours[0] + 120:.0f} (its pool hung)"
+        lines.append(f"| {rows:,} | {ours[0]:.1f} | {rows / ours[0]:,.0f} | {ours[1]:,.0f} | {wall} | "
+                     f"{rows / theirs[0]:,.0f} | {theirs[1]:,.0f} | {warm[0]:.1f} ({share:.1f}) | {size:,.0f} |")
         print(lines[-1], flush=True)
     lines += ["", "Rows are indexed by position (a JSON-lines file by its line offsets), read and tokenised in the "
               "workers a chunk at a time, and written into memory-mapped columns that training reads without loading; "

@@ -53,10 +53,9 @@ def _labels_by_offsets(ids: list[int], offsets: list[tuple[int, int]], segments:
     return labels
 
 
-def _labels_by_characters(encoding: Any, segments: list[Segment]) -> Optional[list[int]]:
+def _labels_by_characters(encoding: Any, ids: list[int], segments: list[Segment]) -> Optional[list[int]]:
     """The same labels from each trained segment's first and last character (a few lookups per example, not
     one per token); None when a character maps to no token (a normaliser dropped it)."""
-    ids = encoding.ids
     labels = [IGNORE] * len(ids)
     at = 0
     for text, trained in segments:
@@ -79,8 +78,9 @@ def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple
     if backend is not None:
         out = []
         for encoding, segments in zip(backend.encode_batch(texts, add_special_tokens=False), examples):
-            labels = _labels_by_characters(encoding, segments)
-            out.append((encoding.ids, labels if labels is not None else _labels_by_offsets(encoding.ids, encoding.offsets, segments)))
+            ids = encoding.ids  # a new list each time it is read
+            labels = _labels_by_characters(encoding, ids, segments)
+            out.append((ids, labels if labels is not None else _labels_by_offsets(ids, encoding.offsets, segments)))
         return out
     if not getattr(tokenizer, "is_fast", False):  # no offsets: segment by segment
         flat = encode_batch(tokenizer, [text for segments in examples for text, _ in segments])

@@ -1,0 +1,145 @@
+"""One peer tool's training run, in that tool's own virtualenv (benchmarks/peers.py starts it).
+
+    python peer_child.py TOOL JOB MODEL DATA OUT STEPS RESULT.json
+
+The probe below counts every tool the same way: the non-padding tokens of each micro batch the Trainer
+trains (an attention mask's non-zero entries, else every position of a padding-free row), the time of
+each optimizer step's end, and the loss logged. Every peer but torchtune trains through transformers'
+`Trainer`, so one patch of it serves them all. Nothing here imports lmtune: the peers' venvs lack it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+T0 = float(os.environ.get("PEER_T0", time.time()))  # when the parent started this process
+LORA = dict(r=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+MAX_LEN = 1024
+PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+MARKS: dict = {"tokens": 0, "steps": []}
+
+
+def peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def install_probe() -> None:
+    import transformers
+
+    original = transformers.Trainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")
+        MARKS["tokens"] += int((mask != 0).sum()) if mask is not None and mask.dim() == 2 else int(inputs["input_ids"].numel())
+        return original(self, model, inputs, *args, **kwargs)
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            MARKS["steps"].append((time.time() - T0, MARKS["tokens"]))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                MARKS["loss"] = float(logs["loss"])
+
+    init = transformers.Trainer.__init__
+
+    def with_probe(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(Probe())
+
+    transformers.Trainer.training_step = training_step
+    transformers.Trainer.__init__ = with_probe
+
+
+def common(job: str, steps: int) -> dict:
+    return dict(max_steps=steps, learning_rate=2e-4 if job == "lora" else 5e-5, lr_scheduler_type="cosine", warmup_steps=0,
+                logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0)
+
+
+def trl(variant: str, job: str, model_dir: str, data: str, out: str, steps: int) -> None:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = load_dataset("json", data_files=data, split="train")
+    rows = rows.map(lambda r: {"prompt": PROMPT.format(instruction=r["instruction"]), "completion": r["output"]},
+                    remove_columns=rows.column_names)
+    settings = dict(packing=True, per_device_train_batch_size=1) if variant == "packing" else \
+        dict(padding_free=True, per_device_train_batch_size=4)
+    args = SFTConfig(output_dir=out, max_length=MAX_LEN, completion_only_loss=True, **settings, **common(job, steps))
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
+                      task_type="CAUSAL_LM") if job == "lora" else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=peft).train()
+
+
+def axolotl(job: str, model_dir: str, data: str, out: str, steps: int) -> None:
+    import yaml
+
+    config = {
+        "base_model": model_dir, "datasets": [{"path": data, "type": "alpaca", "ds_type": "json"}],
+        "dataset_prepared_path": str(Path(out) / "prepared"), "output_dir": out, "sequence_len": MAX_LEN,
+        "sample_packing": True, "pad_to_sequence_len": False, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
+        "max_steps": steps, "optimizer": "adamw_torch", "lr_scheduler": "cosine", "learning_rate": common(job, steps)["learning_rate"],
+        "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no", "val_set_size": 0, "seed": 0, "fp32": True,
+        "bf16": False, "fp16": False, "tf32": False, "gradient_checkpointing": False, "sdp_attention": True,
+        "flash_attention": False, "dataloader_num_workers": 0, "use_cpu": True,
+    }
+    if job == "lora":
+        config.update(adapter="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      lora_target_modules=LORA["targets"])
+    path = Path(out) / "axolotl.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    from axolotl.cli.train import do_cli
+
+    do_cli(config=str(path))
+
+
+def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int) -> None:
+    from llamafactory.train.tuner import run_exp
+
+    folder = Path(data).parent
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": Path(data).name}}))
+    settings = common(job, steps)
+    settings.pop("use_cpu")
+    args = dict(stage="sft", do_train=True, model_name_or_path=model_dir, dataset="bench", dataset_dir=str(folder),
+                template="alpaca", cutoff_len=MAX_LEN, packing=True, neat_packing=True, per_device_train_batch_size=1,
+                gradient_accumulation_steps=1, output_dir=out, overwrite_output_dir=True, preprocessing_num_workers=1,
+                finetuning_type="lora" if job == "lora" else "full", **settings)
+    if job == "lora":
+        args.update(lora_rank=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=",".join(LORA["targets"]))
+    run_exp(args)
+
+
+def main() -> None:
+    tool, job, model_dir, data, out, steps, result = sys.argv[1:8]
+    steps = int(steps)
+    install_probe()
+    if tool.startswith("trl_"):
+        trl(tool.removeprefix("trl_"), job, model_dir, data, out, steps)
+    elif tool == "axolotl":
+        axolotl(job, model_dir, data, out, steps)
+    elif tool == "llamafactory":
+        llamafactory(job, model_dir, data, out, steps)
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+    marks = MARKS["steps"]
+    first, last = marks[0], marks[-1]
+    Path(result).write_text(json.dumps({
+        "first_step_s": first[0], "tokens_per_s": (last[1] - first[1]) / max(last[0] - first[0], 1e-9),
+        "steps": len(marks), "peak_mb": peak_mb(), "loss": MARKS.get("loss"),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""lmtune against the other fine-tuning tools at their best settings, on the same job, alternated.
+
+    python benchmarks/peers.py                       # 3 rounds, LoRA and full, every peer that installs
+    python benchmarks/peers.py --rounds 1 --tools lmtune trl_packing --jobs lora   # a quick look
+
+The job: the ~27M-parameter Llama of benchmarks/run.py built in code, its 2,000 instruction rows in the same
+order, LoRA r16 on q,k,v,o (or full fine-tuning), AdamW, cosine, fp32, rows of at most 1,024 tokens, 20 steps.
+Each peer runs in a virtualenv of its own that this script makes (`.work/peers/venv-TOOL`, torch 2.13.0 and
+the tool's release), through benchmarks/peer_child.py, which counts tokens the same way for every tool:
+the non-padding tokens of every micro batch trained. Each run is a fresh process: start-to-first-step is
+from its start; peak memory is its high-water RSS. Medians of the rounds, with the order of the tools
+rotated each round. Never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from results_file import write_section  # noqa: E402
+
+WORK = HERE / ".work" / "peers"
+STEPS = 20
+# tool -> (pip requirement, its best setting in words); lmtune's variants run in this interpreter
+PEERS = {
+    "axolotl": ("axolotl==0.19.0", "sample_packing: true, micro_batch_size 1 (rows of 1,024 tokens)"),
+    "llamafactory": ("llamafactory==0.9.5", "neat_packing: true, batch 1 (rows of 1,024 tokens)"),
+    "trl_packing": ("trl==1.16.0", "SFTTrainer packing=True, batch 1 (rows of 1,024 tokens)"),
+    "trl_padding_free": ("trl==1.16.0", "SFTTrainer padding_free=True, 4 examples per step"),
+}
+LMTUNE = {
+    "lmtune": "defaults (4 examples per step, no padding)",
+    "lmtune_packed": "pack_to_length: true, micro_batch_size 1 (rows of 1,024 tokens)",
+}
+LAYOUT = {"lmtune": "4 examples", "trl_padding_free": "4 examples", "lmtune_packed": "1,024-token rows",
+          "trl_packing": "1,024-token rows", "axolotl": "1,024-token rows", "llamafactory": "1,024-token rows"}
+
+
+def venv_for(tool: str) -> Path | None:
+    """The tool's own virtualenv, made once; None (said) when the tool does not install here."""
+    requirement = PEERS[tool][0]
+    folder = WORK / f"venv-{requirement.split('==')[0]}"
+    python = folder / "bin" / "python"
+    if (folder / "ok").exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "torch==2.13.0",
+                           requirement, "pyyaml"], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{tool}: does not install here: {done.stderr.strip().splitlines()[-1][:300]}", flush=True)
+        return None
+    (folder / "ok").write_text(subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout)
+    return python
+
+
+def versions(tool: str) -> str:
+    folder = WORK / f"venv-{PEERS[tool][0].split('==')[0]}"
+    frozen = dict(line.split("==", 1) for line in (folder / "ok").read_text().splitlines() if "==" in line)
+    name = PEERS[tool][0].split("==")[0]
+    return f"{name} {frozen.get(name, '?')}, transformers {frozen.get('transformers', '?')}, torch {frozen.get('torch', '?')}"
+
+
+def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps: int, result: str) -> None:
+    """lmtune's run, timed as peer_child.py times the peers (in a fresh process of this interpreter)."""
+    t0 = float(os.environ["PEER_T0"])
+    from lmtune.config.load import resolve
+    from lmtune.model.unused_imports import skip_bitsandbytes_unless_needed
+
+    config = {
+        "base_model": model, "dataset": data, "template": "alpaca", "max_input_length": 1024, "max_steps": steps,
+        "method": "lora" if job == "lora" else "full", "learning_rate": 2e-4 if job == "lora" else 5e-5,
+        "lr_scheduler": "cosine", "logging_steps": 1, "save_steps": 0, "output_dir": out, "overwrite_output_dir": True,
+        "cache_dir": str(Path(out) / "cache"), "plot_loss": False, "seed": 0, "micro_batch_size": 4,
+    }
+    if variant == "lmtune_packed":
+        config.update(pack_to_length=True, micro_batch_size=1)
+    if job == "lora":
+        config.update(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target=["attention"])
+    resolved = resolve(data=config)
+    skip_bitsandbytes_unless_needed(resolved.config)
+    from lmtune.engine.loop import train
+
+    marks = []
+    result_of = train(resolved.config, quiet=True, on_step=lambda state: marks.append((time.time() - t0, state.real_tokens)))
+    first, last = marks[0], marks[-1]
+    peak = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    Path(result).write_text(json.dumps({
+        "first_step_s": first[0], "tokens_per_s": (last[1] - first[1]) / max(last[0] - first[0], 1e-9),
+        "steps": len(marks), "peak_mb": peak, "loss": result_of.train_loss,
+    }))
+
+
+def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: int) -> dict | None:
+    out = WORK / "runs" / f"{tool}-{job}"
+    result = out.with_suffix(".json")
+    result.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PEER_T0": str(time.time()), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if tool in LMTUNE:
+        command = [sys.executable, __file__, "--child", tool, job, str(model), str(data), str(out), str(steps), str(result)]
+    else:
+        command = [str(python), str(HERE / "peer_child.py"), tool, job, str(model), str(data), str(out), str(steps), str(result)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=out)
+    if done.returncode != 0 or not result.exists():
+        print(f"{tool} {job}: failed: {done.stderr.strip()[-1500:]}", flush=True)
+        return None
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--jobs", nargs="+", default=["lora", "full"])
+    parser.add_argument("--tools", nargs="+", default=[*LMTUNE, *PEERS])
+    parser.add_argument("--child", nargs=7)
+    args = parser.parse_args()
+    if args.child:
+        variant, job, model, data, out, steps, result = args.child
+        lmtune_child(variant, job, model, data, out, int(steps), result)
+        return
+    from run import build_data, build_model
+
+    model, data = WORK / "model", WORK / "data"
+    build_model(model)
+    build_data(data, 2000)
+    pythons = {tool: (Path(sys.executable) if tool in LMTUNE else venv_for(tool)) for tool in args.tools}
+    tools = [tool for tool in args.tools if pythons[tool] is not None]
+    runs: dict = {}
+    for round_number in range(args.rounds):
+        order = tools[round_number % len(tools):] + tools[: round_number % len(tools)]
+        for job in args.jobs:
+            for tool in order:
+                got = one_run(tool, job, pythons[tool], model, data / "train.jsonl", args.steps)
+                if got:
+                    runs.setdefault((job, tool), []).append(got)
+                    print(f"round {round_number + 1} {job} {tool}: {got['tokens_per_s']:.0f} tok/s, {got['peak_mb']:.0f} MiB, "
+                          f"first step {got['first_step_s']:.1f} s, loss {got['loss']}", flush=True)
+    write_section("peers", report(runs, tools, args))
+
+
+def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
+    lines = ["## Against the other tools at their best settings", "",
+             f"`benchmarks/peers.py`: the ~27M-parameter Llama, 2,000 instruction rows, {args.steps} steps, fp32, rows of "
+             f"at most 1,024 tokens, on this {os.cpu_count()}-core CPU; medians of {args.rounds} rounds with the tools' "
+             "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool.", ""]
+    for tool in tools:
+        if tool in PEERS:
+            lines.append(f"- {tool}: {versions(tool)}")
+    for job in args.jobs:
+        lines += ["", f"### {'LoRA r16 on q,k,v,o' if job == 'lora' else 'full fine-tuning'}", "",
+                  "| tool, setting | layout | tokens/s | peak RSS MiB | start to first step s | loss at the end |",
+                  "|---|---|---:|---:|---:|---:|"]
+        medians = {}
+        for tool in tools:
+            got = runs.get((job, tool))
+            if not got:
+                continue
+            medians[tool] = {k: statistics.median(g[k] for g in got) for k in ("tokens_per_s", "peak_mb", "first_step_s")}
+            medians[tool]["loss"] = statistics.median(g["loss"] for g in got if g["loss"] is not None) if any(g["loss"] is not None for g in got) else float("nan")
+            m = medians[tool]
+            lines.append(f"| {tool}: {(LMTUNE | {k: v[1] for k, v in PEERS.items()})[tool]} | {LAYOUT[tool]} | "
+                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
+        peers = {t: m for t, m in medians.items() if t in PEERS}
+        if peers and "lmtune" in medians:
+            fastest = max(peers, key=lambda t: peers[t]["tokens_per_s"])
+            quickest = min(peers, key=lambda t: peers[t]["first_step_s"])
+            lines += ["", f"lmtune defaults against the best peer: {medians['lmtune']['tokens_per_s'] / peers[fastest]['tokens_per_s']:.2f}x "
+                      f"the tokens/s of {fastest}; start to first step {medians['lmtune']['first_step_s'] / peers[quickest]['first_step_s']:.2f}x "
+                      f"{quickest}'s."]
+            for ours, layout in (("lmtune", "4 examples"), ("lmtune_packed", "1,024-token rows")):
+                same = {t: m for t, m in peers.items() if LAYOUT[t] == layout}
+                if ours in medians and same:
+                    leanest = min(same, key=lambda t: same[t]["peak_mb"])
+                    lines.append(f"Peak memory at the same layout ({layout}): {ours} {medians[ours]['peak_mb']:,.0f} MiB, "
+                                 f"{medians[ours]['peak_mb'] / same[leanest]['peak_mb']:.2f}x the leanest peer ({leanest}).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
