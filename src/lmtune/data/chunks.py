@@ -88,8 +88,11 @@ def start_worker(readings: list[Reading], config: Any, renderer: Any, tokenizer:
     from ..stages import stage_of
 
     close_files()
-    _WORKER.update(readings=readings, config=config, stage=stage_of(config), renderer=renderer, tokenizer=tokenizer,
-                   max_len=max_len, policy=config.data.truncation)
+    try:
+        _WORKER.update(readings=readings, config=config, stage=stage_of(config), renderer=renderer,
+                       tokenizer=tokenizer, max_len=max_len, policy=config.data.truncation)
+    except Exception as exc:  # raised from the first task instead: a pool restarts a worker whose start fails, forever
+        _WORKER["failed"] = exc
 
 
 def records_of(which: str, first: int, pieces: list[tuple[int, tuple]]) -> tuple[list[dict[str, Any]], Counter]:
@@ -107,6 +110,8 @@ def records_of(which: str, first: int, pieces: list[tuple[int, tuple]]) -> tuple
 
 
 def work(task: tuple[str, int, list[tuple[int, tuple]], bool]) -> Done:
+    if "failed" in _WORKER:
+        raise _WORKER["failed"]
     which, first, pieces, keep_records = task
     records, tallies = records_of(which, first, pieces)
     dropped = [r for r in records if r.get("drop")]

@@ -25,6 +25,7 @@ from .chunks import Reading, reading_for, run_chunks
 from .order import Order, mix, split, split_rows  # noqa: F401  (split_rows: the split's reference, tested)
 from .records import DataError, data_files
 from .templates import pick_renderer
+from .tokenize import for_workers
 from ..staged_folder import staged_folder
 
 DATA_VERSION = "7"  # rows read where they are tokenised; fields a prompt lacks stored empty
@@ -412,7 +413,7 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
     if d.truncation != "drop" and rows.kind:  # dropping says itself how many rows were too long
         leaves_room([{"kind": rows.kind}], renderer, tokenizer, max_len)
     workers = d.preprocessing_num_workers or default_workers(len(rows.train) + len(rows.val))
-    start = (rows.readings, config, renderer, tokenizer, max_len)
+    start = (rows.readings, config, renderer, for_workers(tokenizer, renderer) if workers > 1 else tokenizer, max_len)
     try:
         with staged_folder(folder) as staging:
             found, fields = {}, {}
