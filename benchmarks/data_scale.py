@@ -147,7 +147,7 @@ def two_processes(work: Path, config: Path) -> str:
     copies: one when the ranks share the page cache)."""
     run_config = config.with_name(config.stem + "-2proc.yaml")
     cache = work / f"cache-{config.stem}"
-    run_config.write_text(config.read_text() + "max_steps: 6\nlogging_steps: 1\nsave_steps: 0\n")
+    run_config.write_text(config.read_text() + "max_steps: 6\nlogging_steps: 1\nsave_steps: 1000\n")
     process = subprocess.Popen([sys.executable, "-m", "lmtune", "train", str(run_config), "--nproc", "2"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     best: tuple[float, list[tuple[float, float]]] = (0.0, [])
@@ -194,10 +194,10 @@ def main() -> None:
         ours = measured([sys.executable, "-m", "lmtune", "data", str(config)])
         warm = measured([sys.executable, "-c", FIRST_BATCH, str(config)])
         share = float(warm[2].split("DATA")[-1])
-        with tempfile.TemporaryDirectory() as arrow:  # a pool that hangs is stopped at 3x lmtune's time
-            theirs = measured([sys.executable, "-c", DATASETS_MAP, str(data), str(args.workers), arrow], 3 * ours[0] + 120)
+        with tempfile.TemporaryDirectory() as arrow:  # a pool that hangs is stopped at 2x lmtune's time
+            theirs = measured([sys.executable, "-c", DATASETS_MAP, str(data), str(args.workers), arrow], 2 * ours[0] + 60)
         size = sum(p.stat().st_size for p in (work / f"cache-{data.stem}").rglob("*") if p.is_file()) / 2**20
-        wall = f"{theirs[0]:.1f}" if theirs[0] != float("inf") else f"did not finish in {3 * ours[0] + 120:.0f} (its pool hung)"
+        wall = f"{theirs[0]:.1f}" if theirs[0] != float("inf") else f"did not finish in {2 * ours[0] + 60:.0f} (its pool hung)"
         lines.append(f"| {rows:,} | {ours[0]:.1f} | {rows / ours[0]:,.0f} | {ours[1]:,.0f} | {wall} | "
                      f"{rows / theirs[0]:,.0f} | {theirs[1]:,.0f} | {warm[0]:.1f} ({share:.1f}) | {size:,.0f} |")
         print(lines[-1], flush=True)

@@ -95,7 +95,8 @@ def _check_records(config, config_dir: Path):
     except DataError as exc:
         return None, Problem("error", "dataset", str(exc)), None
     if summary is None:
-        return "data: hub or saved datasets are read at `lmtune data` / `train`, not here", None, None
+        how = "streamed datasets are" if config.data.streaming else "hub or saved datasets are"
+        return f"data: {how} read at `lmtune data` / `train`, not here", None, None
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary.formats.items())
     line = f"data: {summary.rows_read} rows read ({kinds}), {summary.train_rows} for training, {summary.val_rows} held out"
     return line, None, summary.train_rows

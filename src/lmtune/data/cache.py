@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from array import array
 from itertools import chain
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,7 +89,8 @@ class Writer:
         self.target, self.split = target, split
         self.count = 0
         self._files: dict[str, Any] = {}
-        self._offsets: dict[str, array] = {}
+        self._ends: dict[str, list[np.ndarray]] = {}  # each chunk's end offsets per field: 8 bytes an example
+        self._written: dict[str, int] = {}  # values written so far per field
 
     @property
     def fields(self) -> list[str]:
@@ -107,10 +107,12 @@ class Writer:
         for name in columns:
             if name not in self._files:  # a field the earlier examples lack: theirs are empty
                 self._files[name] = (self.target / f"{self.split}.{name}.bin").open("wb")
-                self._offsets[name] = array("q", [0] * (self.count + 1))
-        for name, offsets in self._offsets.items():
+                self._ends[name] = [np.zeros(self.count, dtype=np.int64)]
+                self._written[name] = 0
+        for name, ends in self._ends.items():
             values, lengths = columns.get(name, (None, np.zeros(count, dtype=np.int64)))
-            offsets.extend((np.cumsum(lengths) + offsets[-1]).tolist())
+            ends.append(np.cumsum(lengths, dtype=np.int64) + self._written[name])
+            self._written[name] = int(ends[-1][-1])
             if values is not None and len(values):
                 self._files[name].write(np.ascontiguousarray(values, dtype=_dtype(name)).tobytes())
         self.count += count
@@ -118,7 +120,7 @@ class Writer:
     def close(self) -> list[str]:
         for name, handle in self._files.items():
             handle.close()
-            np.save(self.target / f"{self.split}.{name}.offsets.npy", np.frombuffer(self._offsets[name], dtype=np.int64))
+            np.save(self.target / f"{self.split}.{name}.offsets.npy", np.concatenate([[0], *self._ends[name]]).astype(np.int64))
         return self.fields
 
 

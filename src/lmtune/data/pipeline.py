@@ -217,10 +217,13 @@ def load_records(config: Config, config_dir: Optional[Path] = None) -> tuple[lis
 def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Optional[Summary]:
     """Read and normalise the data as training will, without a tokenizer (for `lmtune check`).
 
-    None when a dataset is a hub id or a saved `datasets` folder: reading those is a download or a heavy import.
+    None when a dataset is a hub id or a saved `datasets` folder (reading those is a download or a heavy import),
+    or is streamed.
     Raises DataError naming the file and row of the first bad one.
     """
     base = _base_dir(config, config_dir)
+    if config.data.streaming:  # a stream is read as training reaches it, never whole
+        return None
     for which in ("train", "validation"):
         for spec in _entries(config, which):
             files = data_files(spec.path, base)
