@@ -217,7 +217,16 @@ class Batches:
             return 0.0  # packed micro batches are one row of real tokens
         order = self._order(epoch)
         real = total = 0
-        one_each = type(self.shape) is Sequences  # each example is its one sequence: its length is enough
+        if type(self.shape) is Sequences and not self.pack_length:  # each example is its one sequence: lengths suffice
+            lengths = np.asarray(self.lengths(), dtype=np.int64)[np.asarray(order, dtype=np.int64)]
+            size = self.micro_batch_size
+            rows = np.zeros(-(-len(lengths) // size) * size, dtype=np.int64)  # the last batch filled with 0
+            rows[: len(lengths)] = lengths
+            rows = rows.reshape(-1, size)
+            counts = np.minimum(size, len(lengths) - np.arange(len(rows)) * size)
+            real, total = int(rows.sum()), int((rows.max(axis=1) * counts).sum())
+            return 1 - real / total if total else 0.0
+        one_each = type(self.shape) is Sequences
         known = self.lengths() if one_each else None
         for start in range(0, len(order), self.micro_batch_size):
             picked = order[start : start + self.micro_batch_size]

@@ -16,8 +16,8 @@ GREEN, RESET = "\033[32m", "\033[0m"
 STREAM_HEAD = 1000  # examples of a stream measured by `lmtune data`
 
 
-def percentiles(lengths: list[int]) -> str:
-    if not lengths:
+def percentiles(lengths: Any) -> str:
+    if not len(lengths):
         return "none"
     marks = np.percentile(lengths, [50, 90, 99, 100]).astype(int)
     return f"median {marks[0]}, p90 {marks[1]}, p99 {marks[2]}, max {marks[3]}"
@@ -51,7 +51,7 @@ def show_data(config: Config, config_dir: Optional[Path], show: int) -> None:
     field = "input_ids" if data.train and "input_ids" in data.train[0] else "chosen_input_ids"
     streamed = getattr(data.train, "streamed", False)
     head = data.train[:STREAM_HEAD] if streamed else data.train  # a stream is not read whole to be shown
-    lengths = (data.train.field_lengths(field).tolist() if hasattr(data.train, "field_lengths")
+    lengths = (data.train.field_lengths(field) if hasattr(data.train, "field_lengths")
                else [len(e[field]) for e in head])
     print(f"tokens per example{f' (the first {len(head)} of the stream)' if streamed else ''}: {percentiles(lengths)}")
     if field == "input_ids" and not streamed:

@@ -14,6 +14,7 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -65,8 +66,8 @@ class Summary:
 
 @dataclass
 class Prepared:
-    train: list[dict[str, list[int]]]
-    val: list[dict[str, list[int]]]
+    train: Sequence[dict[str, Any]]  # mapped columns of the cache (data/cache.Columns), or a Stream
+    val: Sequence[dict[str, Any]]
     summary: Summary
     folder: Optional[Path] = None  # the tokenised-data cache these came from or went to
 
@@ -171,7 +172,6 @@ def _tasks(rows: Rows, which: str, workers: int, keep: bool = False) -> Iterator
 class Reckoning:
     """What reading (and tokenising) a split gave, chunk by chunk."""
 
-    examples: int = 0
     rows: int = 0
     outcomes: Counter = field(default_factory=Counter)
     tallies: Counter = field(default_factory=Counter)
