@@ -25,6 +25,8 @@ class Order:
     def joined(cls, parts: list["Order"]) -> "Order":
         if not parts:
             return cls(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
+        if len(parts) == 1:
+            return parts[0]
         return cls(np.concatenate([p.source for p in parts]), np.concatenate([p.position for p in parts]))
 
     def __len__(self) -> int:
@@ -71,5 +73,7 @@ def split_rows(n: int, ratio: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 def split(rows: Order, ratio: float, seed: int) -> tuple[Order, Order]:
+    if ratio <= 0 or len(rows) < 2:  # nothing held out: no list of every index
+        return rows, Order.joined([])
     train, val = split_rows(len(rows), ratio, seed)
     return rows.take(np.array(train, dtype=np.int64)), rows.take(np.array(val, dtype=np.int64))

@@ -93,8 +93,8 @@ def _line_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             keep = end > begin
             short = np.flatnonzero(keep & ((end - begin) < 16))  # blank lines are short: look at those alone
             keep[[i for i in short.tolist() if not buffer[begin[i] : end[i]].strip()]] = False
-            starts.append(begin[keep] + offset)
-            ends.append(end[keep] + offset)
+            starts.append((begin[keep] + offset).astype(np.int64))
+            ends.append((end[keep] + offset).astype(np.int64))
             lines.append(np.flatnonzero(keep).astype(np.int32) + counted + 1)
             counted += len(begin)
             carry, offset = buffer[cut:], offset + cut
@@ -102,8 +102,7 @@ def _line_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 break
     if not starts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
-    return (np.concatenate(starts).astype(np.int64), np.concatenate(ends).astype(np.int64),
-            np.concatenate(lines).astype(np.int32))
+    return np.concatenate(starts), np.concatenate(ends), np.concatenate(lines)
 
 
 _OPEN: dict[Any, int] = {}  # in a worker: each JSON-lines file opened once
