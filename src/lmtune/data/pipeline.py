@@ -14,7 +14,6 @@ import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -24,59 +23,13 @@ from ..stages import stage_of
 from . import cache
 from .chunks import Reading, reading_for, run_chunks
 from .order import Order, mix, split, split_rows  # noqa: F401  (split_rows: the split's reference, tested)
+from .prepared import Prepared, Summary, entries, kinds_problem, leaves_room  # noqa: F401  (leaves_room: tested here)
 from .records import DataError, data_files
 from .templates import pick_renderer
 from .tokenize import for_workers
 from ..staged_folder import staged_folder
 
 DATA_VERSION = "7"  # rows read where they are tokenised; fields a prompt lacks stored empty
-
-
-@dataclass
-class Summary:
-    rows_read: int = 0
-    train_rows: int = 0
-    val_rows: int = 0
-    capped: dict[str, int] = field(default_factory=dict)
-    outcomes: dict[str, int] = field(default_factory=dict)  # kept / truncated / dropped: why
-    train_examples: int = 0
-    val_examples: int = 0
-    formats: dict[str, int] = field(default_factory=dict)
-    from_cache: bool = False
-    max_len: int = 0
-    cache_mib: float = 0.0  # the tokenised data's size on disk (mapped by training, not loaded)
-    streamed: bool = False  # `streaming: true`: training rows are read and tokenised as training reaches them
-
-    def lines(self) -> list[str]:
-        if self.streamed:
-            return [f"streamed: training rows are read and tokenised in stream order as training reaches them; "
-                    f"{self.val_rows} validation rows from the head ({self.val_examples} examples, max {self.max_len} tokens)"]
-        out = [f"rows read: {self.rows_read} ({', '.join(f'{n} {k}' for k, n in self.formats.items())})"]
-        out.append(f"split: {self.train_rows} train, {self.val_rows} validation")
-        for which, n in self.capped.items():
-            out.append(f"capped: {n} {which} rows left out by max_{which}_samples")
-        for outcome, n in sorted(self.outcomes.items()):
-            out.append(f"{outcome}: {n}")
-        out.append(f"examples: {self.train_examples} train, {self.val_examples} validation (max {self.max_len} tokens)")
-        out.append("tokenised data: " + ("from cache" if self.from_cache else "built and cached") +
-                   (f", {self.cache_mib:,.1f} MiB on disk, memory-mapped (training holds only the pages it reads)"
-                    if self.cache_mib else ""))
-        return out
-
-
-@dataclass
-class Prepared:
-    train: Sequence[dict[str, Any]]  # mapped columns of the cache (data/cache.Columns), or a Stream
-    val: Sequence[dict[str, Any]]
-    summary: Summary
-    folder: Optional[Path] = None  # the tokenised-data cache these came from or went to
-
-
-def _entries(config: Config, which: str) -> list[DatasetSpec]:
-    d = config.data
-    items = d.dataset if which == "train" else d.validation_dataset
-    fmt = "chat" if d.chat_dataset and d.dataset_format == "auto" else d.dataset_format  # JumpStart's dialog data
-    return [DatasetSpec(path=e, format=fmt) if isinstance(e, str) else e for e in items]
 
 
 def _base_dir(config: Config, config_dir: Optional[Path]) -> Optional[Path]:
@@ -126,10 +79,10 @@ def plan_rows(config: Config, config_dir: Optional[Path] = None) -> Rows:
         raise DataError("dataset: no training data given; set `dataset:` to a file, folder or hub id")
     empty = Order.joined([])
     rows, kinds = Rows([], [], empty, empty, Summary(), None), set()
-    groups = [_entry(spec, config, base, rows, kinds) for spec in _entries(config, "train")]
+    groups = [_entry(spec, config, base, rows, kinds) for spec in entries(config, "train")]
     mixed = mix(groups, d.dataset_weights, d.train_data_split_seed)
     if d.validation_dataset:
-        rows.train, rows.val = mixed, Order.joined([_entry(s, config, base, rows, kinds) for s in _entries(config, "validation")])
+        rows.train, rows.val = mixed, Order.joined([_entry(s, config, base, rows, kinds) for s in entries(config, "validation")])
     else:
         rows.train, rows.val = split(mixed, d.validation_split_ratio, d.train_data_split_seed)
     summary = rows.summary
@@ -145,15 +98,6 @@ def plan_rows(config: Config, config_dir: Optional[Path] = None) -> Rows:
         raise DataError(wrong)
     rows.kind = next(iter(sorted(kinds)), None)
     return rows
-
-
-def kinds_problem(config: Config, kinds: set[str]) -> Optional[str]:
-    stage = stage_of(config)
-    wrong = kinds - stage.reads
-    if not wrong:
-        return None
-    return (f"stage {stage.name} cannot learn from {', '.join(sorted(wrong))} rows; it needs "
-            f"{' or '.join(sorted(stage.reads))} data (check dataset_format and stage)")
 
 
 def chunk_size(rows: int, workers: int) -> int:
@@ -225,7 +169,7 @@ def check_local_records(config: Config, config_dir: Optional[Path] = None) -> Op
     if config.data.streaming:  # a stream is read as training reaches it, never whole
         return None
     for which in ("train", "validation"):
-        for spec in _entries(config, which):
+        for spec in entries(config, which):
             files = data_files(spec.path, base)
             if not files or any(f.name in ("dataset_info.json", "state.json") for f in files):
                 return None
@@ -275,7 +219,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 def _file_fingerprint(config: Config, base: Optional[Path]) -> list[Any]:
     prints = []
     for which in ("train", "validation"):
-        for spec in _entries(config, which):
+        for spec in entries(config, which):
             files = data_files(spec.path, base)
             if not files:
                 prints.append([spec.path, spec.split])  # a hub dataset: its name and split
@@ -315,23 +259,6 @@ def fingerprint(config: Config, tokenizer: Any, max_len: int, config_dir: Option
         "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def leaves_room(records: list[dict[str, Any]], renderer: Any, tokenizer: Any, max_len: int) -> None:
-    """max_input_length must hold the template around a one-word exchange and some answer: else every row
-    would be cut to the template's last tokens and trained without its prompt."""
-    if not records or records[0]["kind"] not in ("chat", "preference", "unpaired"):
-        return
-    from .tokenize import encode_batch
-
-    bare = {"kind": "chat", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
-    segments = renderer.record(bare)
-    overhead = sum(len(piece) for piece in encode_batch(tokenizer, [text for text, _ in segments]))
-    if max_len < overhead + 8:
-        raise DataError(
-            f"max_input_length: {max_len} tokens leave no room for the data: the chat template alone takes {overhead} tokens "
-            f"around a one-word exchange; set max_input_length to at least {overhead + 64} (the longest row needs more)"
-        )
 
 
 class Blocks:
@@ -438,7 +365,7 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
         raise _write_failed(folder, exc) from None
     train, val, _ = cache.load(folder)
     summary.cache_mib = cache.disk_bytes(folder) / 2**20
-    if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in _entries(config, "train")):
+    if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in entries(config, "train")):
         _remember_records(config, config_dir, read)
     return Prepared(train, val, summary, folder)
 

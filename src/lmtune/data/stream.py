@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..config.schema import Config
 from ..stages import stage_of
 from .chunks import reading_for
+from .prepared import Prepared, Summary, entries, kinds_problem, leaves_room
 from .records import DataError, read_rows
 from .tokenize import encode_batch, tokenize_records
 
@@ -52,26 +53,24 @@ def _cycled(make: Callable[[], Iterator[dict[str, Any]]], what: str) -> Iterator
 def training_records(config: Config, base: Optional[Path], head: int) -> Iterator[dict[str, Any]]:
     """The endless training stream: datasets interleaved by weight (or one after another), the first `head`
     rows left to validation, at most `max_train_samples` rows before it starts again."""
-    from .pipeline import _entries
-
     d = config.data
-    entries = _entries(config, "train")
+    specs = entries(config, "train")
     cap = d.max_train_samples if d.max_train_samples > 0 else None
 
     def one_pass() -> Iterator[dict[str, Any]]:
         if not d.dataset_weights:
-            rows: Iterator[dict[str, Any]] = (r for spec in entries for r in _entry_records(spec, config, base, "training"))
+            rows: Iterator[dict[str, Any]] = (r for spec in specs for r in _entry_records(spec, config, base, "training"))
         else:
-            rows = _interleaved(entries, d.dataset_weights, config, base, d.train_data_split_seed)
+            rows = _interleaved(specs, d.dataset_weights, config, base, d.train_data_split_seed)
         return islice(rows, head, None if cap is None else head + cap)
 
     return _cycled(one_pass, "the training data")
 
 
-def _interleaved(entries: list[Any], weights: list[float], config: Config, base: Optional[Path],
+def _interleaved(specs: list[Any], weights: list[float], config: Config, base: Optional[Path],
                  seed: int) -> Iterator[dict[str, Any]]:
     """Row by row, entry i drawn with probability weights[i] / sum; each entry repeats when it ends."""
-    streams = [_cycled(lambda spec=spec: _entry_records(spec, config, base, "training"), spec.path) for spec in entries]
+    streams = [_cycled(lambda spec=spec: _entry_records(spec, config, base, "training"), spec.path) for spec in specs]
     rng = random.Random(seed)
     while True:
         yield next(rng.choices(streams, weights)[0])
@@ -79,16 +78,14 @@ def _interleaved(entries: list[Any], weights: list[float], config: Config, base:
 
 def validation_records(config: Config, base: Optional[Path]) -> tuple[list[dict[str, Any]], int]:
     """The validation rows, and how many rows of the training stream they take from its head."""
-    from .pipeline import _entries
-
     d = config.data
     count = d.max_val_samples if d.max_val_samples > 0 else None
     if d.validation_dataset:
-        rows = (r for spec in _entries(config, "validation") for r in _entry_records(spec, config, base, "validation"))
+        rows = (r for spec in entries(config, "validation") for r in _entry_records(spec, config, base, "validation"))
         return list(islice(rows, count)), 0
     if count is None:
         return [], 0
-    spec_rows = (r for spec in _entries(config, "train") for r in _entry_records(spec, config, base, "validation"))
+    spec_rows = (r for spec in entries(config, "train") for r in _entry_records(spec, config, base, "validation"))
     head = list(islice(spec_rows, count))
     return head, len(head)
 
@@ -154,7 +151,6 @@ def _tokenised(renderer: Any, tokenizer: Any, max_len: int, policy: str) -> Call
 
 def streamed(config: Config, tokenizer: Any, max_len: int, base: Optional[Path], processes: int) -> Any:
     """Prepared data whose training examples are a Stream and whose validation examples are the head's."""
-    from .pipeline import Prepared, Summary, kinds_problem, leaves_room
     from .templates import pick_renderer
 
     d, t = config.data, config.training
