@@ -226,14 +226,9 @@ class Batches:
             counts = np.minimum(size, len(lengths) - np.arange(len(rows)) * size)
             real, total = int(rows.sum()), int((rows.max(axis=1) * counts).sum())
             return 1 - real / total if total else 0.0
-        one_each = type(self.shape) is Sequences
-        known = self.lengths() if one_each else None
         for start in range(0, len(order), self.micro_batch_size):
             picked = order[start : start + self.micro_batch_size]
-            if known is not None:
-                lengths = [known[i] for i in picked]
-            else:
-                lengths = [len(e["input_ids"]) for e in self.shape.sequences([self.examples[i] for i in picked])]
+            lengths = [len(e["input_ids"]) for e in self.shape.sequences([self.examples[i] for i in picked])]
             real += sum(lengths)
             total += max(lengths) * len(lengths)
         return 1 - real / total if total else 0.0

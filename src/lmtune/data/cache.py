@@ -120,7 +120,7 @@ class Writer:
     def close(self) -> list[str]:
         for name, handle in self._files.items():
             handle.close()
-            np.save(self.target / f"{self.split}.{name}.offsets.npy", np.concatenate([[0], *self._ends[name]]).astype(np.int64))
+            np.save(self.target / f"{self.split}.{name}.offsets.npy", np.concatenate([np.zeros(1, dtype=np.int64), *self._ends[name]]))
         return self.fields
 
 
