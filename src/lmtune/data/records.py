@@ -176,14 +176,19 @@ def read_rows(location: str, base: Optional[Path] = None, split: str = "train", 
             yield Row(dict(item), f"{path.name} row {number}")
         return
     for file in files:
-        try:
-            yield from READERS[file.suffix](file)
-        except UnicodeDecodeError as exc:
-            line = file.read_bytes()[: exc.start].count(b"\n") + 1
-            raise DataError(
-                f"{file} line {line}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                "re-save the file as UTF-8"
-            ) from None
+        yield from read_file(file)
+
+
+def read_file(file: Path) -> Iterator[Row]:
+    """One data file's rows, by its suffix; text that is not UTF-8 named by its line."""
+    try:
+        yield from READERS[file.suffix](file)
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{file} line {line}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+            "re-save the file as UTF-8"
+        ) from None
 
 
 def load_hub(name: str, split: str, streaming: bool = False) -> Any:

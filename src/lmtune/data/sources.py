@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .records import READERS, TOO_DEEP, DataError, Row, _locate, _saved_dataset, data_files, load_hub
+from .records import TOO_DEEP, DataError, Row, _locate, _saved_dataset, data_files, load_hub, read_file
 
 BLOCK = 1 << 23  # bytes scanned for newlines at a time: the index, not the file, is what stays in memory
 BOM = b"\xef\xbb\xbf"
@@ -170,14 +170,7 @@ def _file_source(file: Path) -> Any:
         import pyarrow.parquet as pq
 
         return ArrowRows(pq.read_table(file, memory_map=True), file.name)
-    try:
-        return HeldRows(list(READERS[file.suffix](file)))
-    except UnicodeDecodeError as exc:
-        line = file.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{file} line {line}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-            "re-save the file as UTF-8"
-        ) from None
+    return HeldRows(list(read_file(file)))
 
 
 def _holds_json_lines(file: Path) -> bool:
