@@ -152,3 +152,31 @@ def test_the_line_index_is_the_same_whatever_the_block_it_reads(tmp_path, monkey
         assert getattr(small, field).tolist() == getattr(whole, field).tolist()
     read = [row.values for row in sources.rows_of(small.payload(np.arange(40)))]
     assert read == rows and whole.lines.tolist()[20] == 23  # line numbers count the blank lines
+
+
+def _listed_order(lengths, micro, seed, epoch, group):
+    """The epoch order as lists computed it before it was an int64 array (the reference for exactness)."""
+    import random
+
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    rng.shuffle(order)
+    if group:
+        size = micro * 50
+        chunks = [sorted(order[i : i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
+        groups = [c[i : i + micro] for c in chunks for i in range(0, len(c), micro)]
+        rng.shuffle(groups)
+        order = [i for g in groups for i in g]
+    return order
+
+
+@pytest.mark.parametrize("micro", [1, 3, 4])
+@pytest.mark.parametrize("group", [False, True])
+def test_the_epoch_order_as_an_array_is_the_order_lists_gave(micro, group):
+    rng = np.random.default_rng(micro)
+    for count in (1, 7, 149, 1003):
+        lengths = rng.integers(1, 12, size=count).tolist()  # few distinct lengths: many ties, which must keep their order
+        examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in lengths]
+        for epoch in (0, 2):
+            ours = Batches(examples, micro, 0, seed=5, group_by_length=group)._order(epoch)
+            assert ours.tolist() == _listed_order(lengths, micro, 5, epoch, group), (count, epoch)
