@@ -180,3 +180,59 @@ def test_the_epoch_order_as_an_array_is_the_order_lists_gave(micro, group):
         for epoch in (0, 2):
             ours = Batches(examples, micro, 0, seed=5, group_by_length=group)._order(epoch)
             assert ours.tolist() == _listed_order(lengths, micro, 5, epoch, group), (count, epoch)
+
+
+def _labels_from_offsets(backend, examples):
+    """Labels as the tokenizer's offsets give them (the path for every tokenizer): the reference."""
+    from lmtune.data import tokenize
+
+    texts = ["".join(text for text, _ in segments) for segments in examples]
+    out = []
+    for encoding, segments in zip(backend.encode_batch(texts, add_special_tokens=False), examples):
+        labels = tokenize._labels_by_characters(encoding, encoding.ids, segments)
+        out.append((encoding.ids, labels if labels is not None else tokenize._labels_by_offsets(encoding.ids, encoding.offsets, segments)))
+    return out
+
+
+def _random_examples(seed, count=300):
+    rng = np.random.default_rng(seed)
+    pieces = ["hello", " world", "  ", "\n", "é", "naïve", "日本語", "🙂", "<|im_start|>", "<|im_end|>", "x", "42", " 7", "\t", ""]
+    examples = []
+    for _ in range(count):
+        segments = []
+        for part in range(int(rng.integers(1, 6))):
+            text = "".join(rng.choice(pieces, size=int(rng.integers(0, 6))).tolist())
+            segments.append((text, bool(part % 2)))
+        examples.append(segments)
+    return examples
+
+
+def test_labels_from_byte_lengths_are_the_labels_offsets_give(tokenizer):
+    from lmtune.data import tokenize
+
+    backend = tokenizer.backend_tokenizer
+    assert tokenize.byte_lengths(backend) is not None  # the builtin tokenizer is byte-level: the fast path is taken
+    for seed in range(4):
+        examples = _random_examples(seed)
+        assert tokenize.encode_examples(tokenizer, examples) == _labels_from_offsets(backend, examples), seed
+
+
+def test_a_tokenizer_whose_tokens_are_not_byte_spans_is_labelled_from_offsets(tokenizer):
+    """Trimmed offsets or a normaliser: no byte table. An added token that swallows the spaces beside it: the
+    chunk falls back to offsets. Either way the labels are the offsets' labels."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, processors
+
+    from lmtune.data import tokenize
+
+    trimmed = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    trimmed.post_processor = processors.ByteLevel(trim_offsets=True)
+    lowered = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    lowered.normalizer = normalizers.Lowercase()
+    assert tokenize.byte_lengths(trimmed) is None and tokenize.byte_lengths(lowered) is None
+    stripping = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    stripping.add_special_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    assert tokenize.byte_lengths(stripping) is not None
+    examples = [[("a <sep> b", False), (" answer", True)], *_random_examples(9, 50)]
+    for backend in (trimmed, lowered, stripping):
+        encoder = type("Fast", (), {"is_fast": True, "backend_tokenizer": backend, "bos_token_id": None})()
+        assert tokenize.encode_examples(encoder, examples) == _labels_from_offsets(backend, examples)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import chain
 from typing import Any, Optional
+
+import numpy as np
 
 from .records import DataError
 from .templates import Renderer, Segment
@@ -91,6 +94,82 @@ def _labels_by_characters(encoding: Any, ids: list[int], segments: list[Segment]
     return labels
 
 
+_BYTE_TABLES: dict[int, tuple[Any, Optional[np.ndarray]]] = {}  # id(backend) -> (backend, its table), per process
+
+
+def byte_lengths(backend: Any) -> Optional[np.ndarray]:
+    """Each token's length in bytes of the text, for a byte-level tokenizer whose tokens are exact byte spans of
+    the text it was given (no normaliser, offsets never trimmed); None for any other. With it, a token's place in
+    the text is the sum of the lengths before it, and the tokenizer need not track offsets (a quarter of its time)."""
+    held = _BYTE_TABLES.get(id(backend))
+    if held is not None and held[0] is backend:
+        return held[1]
+    table = _byte_table(backend)
+    _BYTE_TABLES[id(backend)] = (backend, table)
+    return table
+
+
+def _parts(part: Any, key: str) -> list[dict[str, Any]]:
+    """A tokenizer.json component as its list of parts (a Sequence unrolled)."""
+    if not part:
+        return []
+    if part.get("type") == "Sequence":
+        return [inner for p in part.get(key, []) for inner in _parts(p, key)]
+    return [part]
+
+
+def _byte_table(backend: Any) -> Optional[np.ndarray]:
+    from tokenizers import pre_tokenizers
+
+    spec = json.loads(backend.to_str())
+    trims = any(p.get("type") == "ByteLevel" and p.get("trim_offsets") for p in _parts(spec.get("post_processor"), "processors"))
+    byte_level = (any(p.get("type") == "ByteLevel" for p in _parts(spec.get("pre_tokenizer"), "pretokenizers"))
+                  and [d.get("type") for d in _parts(spec.get("decoder"), "decoders")] == ["ByteLevel"])
+    if spec.get("normalizer") or trims or not byte_level:
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
+    vocab = backend.get_vocab(with_added_tokens=True)
+    table = np.zeros(max(vocab.values(), default=-1) + 1, dtype=np.int64)
+    for token, index in vocab.items():
+        if index in added:
+            table[index] = len(added[index].encode())
+        elif set(token) <= alphabet:
+            table[index] = len(token)  # one alphabet character a byte
+        else:
+            return None
+    return table
+
+
+def _labels_by_bytes(encoded: list[list[int]], table: np.ndarray, examples: list[list[Segment]]) -> list[Optional[list[int]]]:
+    """Labels of a chunk's examples from their tokens' byte lengths, in a few array passes for the whole chunk: a
+    token is trained from the one that holds a trained segment's first byte to the one that holds the first byte
+    of its last character (what `_labels_by_characters` gives). None for an example whose tokens do not add up to
+    its text's bytes (an added token that swallows the spaces beside it): it is labelled from offsets instead."""
+    counts = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(counts.sum()))
+    ends = np.cumsum(table[ids])  # each token's end in the chunk's bytes, examples end to end
+    first = np.cumsum(counts) - counts
+    base = np.concatenate(([0], ends))[first]  # where each example's bytes begin
+    marks, sizes = [], []
+    for start, segments in zip(base.tolist(), examples):
+        at = start
+        for text, trained in segments:
+            size = len(text.encode())
+            if trained and text:
+                marks.append((at, at + size - len(text[-1].encode())))
+            at += size
+        sizes.append(at - start)
+    fits = (np.concatenate(([0], ends))[first + counts] - base == np.asarray(sizes, dtype=np.int64)).tolist()
+    trained = np.zeros(len(ids) + 1, dtype=np.int64)
+    if marks:
+        spans = np.searchsorted(ends, np.asarray(marks, dtype=np.int64), side="right")  # the token holding each byte
+        np.add.at(trained, spans[:, 0], 1)
+        np.add.at(trained, spans[:, 1] + 1, -1)
+    labels = np.where(np.cumsum(trained[:-1]) > 0, ids, IGNORE).tolist()
+    return [labels[s : s + n] if ok else None for s, n, ok in zip(first.tolist(), counts.tolist(), fits)]
+
+
 def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) of each example. Its whole text is tokenised in one piece, as `apply_chat_template` does, so
     the ids are the ones the model is served with; a token is trained when it overlaps a trained segment."""
@@ -98,6 +177,12 @@ def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple
         return []
     texts = ["".join(text for text, _ in segments) for segments in examples]
     backend = _backend(tokenizer)
+    table = byte_lengths(backend) if backend is not None else None
+    if table is not None and hasattr(backend, "encode_batch_fast"):
+        encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        labelled = _labels_by_bytes(encoded, table, examples)
+        if all(labels is not None for labels in labelled):
+            return list(zip(encoded, labelled))
     if backend is not None:
         out = []
         for encoding, segments in zip(backend.encode_batch(texts, add_special_tokens=False), examples):
