@@ -164,11 +164,12 @@ def damage(source: Path) -> Optional[str]:
     return None
 
 
-def load(source: Path, note: Any = print) -> Optional[tuple[Columns, Columns, dict[str, Any]]]:
-    """The cached splits, mapped; None when there is no cache, or one that is damaged (said, and rebuilt)."""
+def load(source: Path, note: Any = print, checked: bool = True) -> Optional[tuple[Columns, Columns, dict[str, Any]]]:
+    """The cached splits, mapped; None when there is no cache, or one that is damaged (said, and rebuilt).
+    `checked=False` skips reading every file again to verify it (the caller has just sealed it)."""
     if not (source / "summary.json").exists():
         return None
-    problem = damage(source)
+    problem = damage(source) if checked else None
     if problem is not None:
         note(f"note: the tokenised-data cache {source} is damaged ({problem}); tokenising again")
         return None

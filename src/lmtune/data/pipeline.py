@@ -363,7 +363,7 @@ def prepare(config: Config, tokenizer: Any, context_length: int, config_dir: Opt
             cache.seal(staging, fields, saved)
     except OSError as exc:
         raise _write_failed(folder, exc) from None
-    train, val, _ = cache.load(folder)
+    train, val, _ = cache.load(folder, checked=False)  # sealed a moment ago
     summary.cache_mib = cache.disk_bytes(folder) / 2**20
     if all(data_files(spec.path, _base_dir(config, config_dir)) for spec in entries(config, "train")):
         _remember_records(config, config_dir, read)
