@@ -147,7 +147,7 @@ def two_processes(work: Path, config: Path) -> str:
     copies: one when the ranks share the page cache)."""
     run_config = config.with_name(config.stem + "-2proc.yaml")
     cache = work / f"cache-{config.stem}"
-    run_config.write_text(config.read_text() + "max_steps: 6\nlogging_steps: 1\nsave_steps: 1000\n")
+    run_config.write_text(config.read_text() + "max_steps: 6\nlogging_steps: 1\nsave_steps: 1000\noverwrite_output_dir: true\n")
     process = subprocess.Popen([sys.executable, "-m", "lmtune", "train", str(run_config), "--nproc", "2"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     best: tuple[float, list[tuple[float, float]]] = (0.0, [])
