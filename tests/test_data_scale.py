@@ -93,6 +93,7 @@ def test_the_summary_reports_the_cache_size_on_disk(tmp_path, tokenizer):
     data = prepare(config_for(tmp_path, alpaca_rows(40)), tokenizer, 2048)
     assert data.summary.cache_mib == pytest.approx(cache.disk_bytes(data.folder) / 2**20)
     assert any("MiB on disk, memory-mapped" in line for line in data.summary.lines())
+    assert any("0.0 MiB of it in memory" in line for line in data.summary.lines())  # 40 examples: 320 bytes
     json.dumps(data.summary.lines())
 
 

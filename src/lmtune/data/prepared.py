@@ -39,8 +39,9 @@ class Summary:
             out.append(f"{outcome}: {n}")
         out.append(f"examples: {self.train_examples} train, {self.val_examples} validation (max {self.max_len} tokens)")
         out.append("tokenised data: " + ("from cache" if self.from_cache else "built and cached") +
-                   (f", {self.cache_mib:,.1f} MiB on disk, memory-mapped (training holds only the pages it reads)"
-                    if self.cache_mib else ""))
+                   (f", {self.cache_mib:,.1f} MiB on disk, memory-mapped: training holds about "
+                    f"{8 * (self.train_examples + self.val_examples) / 2**20:,.1f} MiB of it in memory (each epoch's order, "
+                    "8 bytes an example) and only the pages it reads" if self.cache_mib else ""))
         return out
 
 
