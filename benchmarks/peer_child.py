@@ -109,7 +109,7 @@ def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int) -> N
     from llamafactory.train.tuner import run_exp
 
     folder = Path(data).parent
-    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": Path(data).name}}))
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": Path(data).name, "columns": {"prompt": "instruction", "response": "output"}}}))
     settings = common(job, steps)
     settings.pop("use_cpu")
     args = dict(stage="sft", do_train=True, model_name_or_path=model_dir, dataset="bench", dataset_dir=str(folder),

@@ -33,8 +33,8 @@ STEPS = 20
 PEERS = {
     "axolotl": ("axolotl==0.19.0", "sample_packing: true, micro_batch_size 1 (rows of 1,024 tokens)"),
     "llamafactory": ("llamafactory==0.9.5", "neat_packing: true, batch 1 (rows of 1,024 tokens)"),
-    "trl_packing": ("trl==1.16.0", "SFTTrainer packing=True, batch 1 (rows of 1,024 tokens)"),
-    "trl_padding_free": ("trl==1.16.0", "SFTTrainer padding_free=True, 4 examples per step"),
+    "trl_packing": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1 (rows of 1,024 tokens)"),
+    "trl_padding_free": ("trl==1.16.0 peft", "SFTTrainer padding_free=True, 4 examples per step"),
 }
 LMTUNE = {
     "lmtune": "defaults (4 examples per step, no padding)",
@@ -53,10 +53,19 @@ def venv_for(tool: str) -> Path | None:
         return python
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "torch==2.13.0",
-                           requirement, "pyyaml"], capture_output=True, text=True)
+                           *requirement.split(), "pyyaml"], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"{tool}: does not install here: {done.stderr.strip().splitlines()[-1][:300]}", flush=True)
         return None
+    probe = [str(python), "-c", "import transformers.modeling_utils"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:  # a torchvision built for another torch breaks transformers
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"], capture_output=True)
+        # LLaMA-Factory imports torchaudio for audio data only, and torchaudio has no build for this torch: a stub
+        # that refuses any use stands in (this job has no audio)
+        site = next(folder.glob("lib/python*/site-packages"))
+        (site / "torchaudio").mkdir(exist_ok=True)
+        (site / "torchaudio" / "__init__.py").write_text(
+            "def __getattr__(name):\n    raise ImportError('torchaudio: a stub (no build for this torch); no audio here')\n")
     (folder / "ok").write_text(subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout)
     return python
 
@@ -77,7 +86,7 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
     config = {
         "base_model": model, "dataset": data, "template": "alpaca", "max_input_length": 1024, "max_steps": steps,
         "method": "lora" if job == "lora" else "full", "learning_rate": 2e-4 if job == "lora" else 5e-5,
-        "lr_scheduler": "cosine", "logging_steps": 1, "save_steps": 0, "output_dir": out, "overwrite_output_dir": True,
+        "lr_scheduler": "cosine", "logging_steps": 1, "save_steps": 10 * steps, "output_dir": out, "overwrite_output_dir": True,
         "cache_dir": str(Path(out) / "cache"), "plot_loss": False, "seed": 0, "micro_batch_size": 4,
     }
     if variant == "lmtune_packed":
@@ -85,6 +94,8 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
     if job == "lora":
         config.update(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target=["attention"])
     resolved = resolve(data=config)
+    if resolved.config is None:
+        raise SystemExit("; ".join(f"{p.key}: {p.message}" for p in resolved.errors))
     skip_bitsandbytes_unless_needed(resolved.config)
     from lmtune.engine.loop import train
 
@@ -111,7 +122,7 @@ def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: i
         command = [str(python), str(HERE / "peer_child.py"), tool, job, str(model), str(data), str(out), str(steps), str(result)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=out)
     if done.returncode != 0 or not result.exists():
-        print(f"{tool} {job}: failed: {done.stderr.strip()[-1500:]}", flush=True)
+        print(f"{tool} {job}: failed: {(done.stderr.strip() or done.stdout.strip())[-1500:]}", flush=True)
         return None
     return json.loads(result.read_text())
 
