@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections import Counter
 from itertools import chain
 from typing import Any, Optional
@@ -125,8 +126,8 @@ def _byte_table(backend: Any) -> Optional[np.ndarray]:
     trims = any(p.get("type") == "ByteLevel" and p.get("trim_offsets") for p in _parts(spec.get("post_processor"), "processors"))
     byte_level = (any(p.get("type") == "ByteLevel" for p in _parts(spec.get("pre_tokenizer"), "pretokenizers"))
                   and [d.get("type") for d in _parts(spec.get("decoder"), "decoders")] == ["ByteLevel"])
-    if spec.get("normalizer") or trims or not byte_level:
-        return None
+    if spec.get("normalizer") not in (None, {"type": "NFC"}) or trims or not byte_level:
+        return None  # NFC (Qwen's) leaves text already in NFC as it is: encode_examples checks that, text by text
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
     vocab = backend.get_vocab(with_added_tokens=True)
@@ -150,17 +151,19 @@ def _labels_by_bytes(encoded: list[list[int]], table: np.ndarray, examples: list
     ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(counts.sum()))
     ends = np.cumsum(table[ids])  # each token's end in the chunk's bytes, examples end to end
     first = np.cumsum(counts) - counts
-    base = np.concatenate(([0], ends))[first]  # where each example's bytes begin
-    marks, sizes = [], []
-    for start, segments in zip(base.tolist(), examples):
-        at = start
+    bounds = np.concatenate(([0], ends))
+    base = bounds[first]  # where each example's bytes begin
+    marks, fits = [], []
+    for start, held, segments in zip(base.tolist(), (bounds[first + counts] - base).tolist(), examples):
+        at, own = start, []
         for text, trained in segments:
             size = len(text.encode())
             if trained and text:
-                marks.append((at, at + size - len(text[-1].encode())))
+                own.append((at, at + size - len(text[-1].encode())))
             at += size
-        sizes.append(at - start)
-    fits = (np.concatenate(([0], ends))[first + counts] - base == np.asarray(sizes, dtype=np.int64)).tolist()
+        fits.append(at - start == held)
+        if fits[-1]:  # an example that does not add up marks nothing: its marks could fall in the next one's tokens
+            marks += own
     trained = np.zeros(len(ids) + 1, dtype=np.int64)
     if marks:
         spans = np.searchsorted(ends, np.asarray(marks, dtype=np.int64), side="right")  # the token holding each byte
@@ -178,6 +181,8 @@ def encode_examples(tokenizer: Any, examples: list[list[Segment]]) -> list[tuple
     texts = ["".join(text for text, _ in segments) for segments in examples]
     backend = _backend(tokenizer)
     table = byte_lengths(backend) if backend is not None else None
+    if table is not None and backend.normalizer is not None and not all(unicodedata.is_normalized("NFC", t) for t in texts):
+        table = None
     if table is not None and hasattr(backend, "encode_batch_fast"):
         encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         labelled = _labels_by_bytes(encoded, table, examples)
