@@ -73,9 +73,10 @@ def trl(variant: str, job: str, model_dir: str, data: str, out: str, steps: int)
     rows = load_dataset("json", data_files=data, split="train")
     rows = rows.map(lambda r: {"prompt": PROMPT.format(instruction=r["instruction"]), "completion": r["output"]},
                     remove_columns=rows.column_names)
-    settings = dict(packing=True, per_device_train_batch_size=1) if variant == "packing" else \
-        dict(padding_free=True, per_device_train_batch_size=4)
-    args = SFTConfig(output_dir=out, max_length=MAX_LEN, completion_only_loss=True, **settings, **common(job, steps))
+    # TRL refuses max_length without packing (it would not be enforced); every row here is under it
+    settings = dict(packing=True, per_device_train_batch_size=1, max_length=MAX_LEN) if variant == "packing" else \
+        dict(padding_free=True, per_device_train_batch_size=4, max_length=None)
+    args = SFTConfig(output_dir=out, completion_only_loss=True, **settings, **common(job, steps))
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
                       task_type="CAUSAL_LM") if job == "lora" else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 from results_file import write_section  # noqa: E402
 
 WORK = HERE / ".work" / "peers"
+RUNS = HERE / "results-peers.json"  # every run of every tool, by job
 STEPS = 20
 # tool -> (pip requirement, its best setting in words); lmtune's variants run in this interpreter
 PEERS = {
@@ -156,13 +157,19 @@ def main() -> None:
                     runs.setdefault((job, tool), []).append(got)
                     print(f"round {round_number + 1} {job} {tool}: {got['tokens_per_s']:.0f} tok/s, {got['peak_mb']:.0f} MiB, "
                           f"first step {got['first_step_s']:.1f} s, loss {got['loss']}", flush=True)
-    write_section("peers", report(runs, tools, args))
+    # every run kept by (job, tool): a later call for some tools replaces theirs and reports beside the rest
+    stored = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+    stored.update({f"{job} {tool}": got for (job, tool), got in runs.items()})
+    RUNS.write_text(json.dumps(stored, indent=1))
+    every = {tuple(key.split(" ", 1)): got for key, got in stored.items()}
+    shown = [t for t in [*LMTUNE, *PEERS] if any(key[1] == t for key in every)]
+    write_section("peers", report(every, shown, args))
 
 
 def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
     lines = ["## Against the other tools at their best settings", "",
              f"`benchmarks/peers.py`: the ~27M-parameter Llama, 2,000 instruction rows, {args.steps} steps, fp32, rows of "
-             f"at most 1,024 tokens, on this {os.cpu_count()}-core CPU; medians of {args.rounds} rounds with the tools' "
+             f"at most 1,024 tokens, on this {os.cpu_count()}-core CPU; medians of {min(map(len, runs.values()))} rounds with the tools' "
              "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool.", ""]
     for tool in tools:
         if tool in PEERS:
