@@ -59,7 +59,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, metho
     expected, got = losses(one.run_dir), losses(tmp_path / "two")
     assert sorted(got) == sorted(expected) == list(range(1, 13))  # 11 micro batches -> 6 steps per epoch, 2 epochs
     assert list(got.values()) == pytest.approx(list(expected.values()), rel=1e-5)
-    assert close(final_weights(tmp_path / "two"), final_weights(one.run_dir)) < 1e-4
+    # Summed in another order, a gradient differs in its last bits; Adam divides by the root of its square, so where a
+    # weight's gradient is tiny that difference grows: measured up to 2e-4 of a tensor's largest entry after 12 steps
+    # (transformers 5.24, on code whose losses agree to 1e-7). A wrong batch or a missed reduction is off by 1e-2 or more.
+    assert close(final_weights(tmp_path / "two"), final_weights(one.run_dir)) < 5e-4
 
 
 @pytest.mark.parametrize("method,fsdp", [("full", True), ("lora", True), ("full", False)], ids=["fsdp-full", "fsdp-lora", "data-parallel"])
