@@ -196,22 +196,19 @@ class Batches:
         return len(self.examples) / max(len(self), 1)
 
     def length_array(self) -> np.ndarray:
-        """Every row-candidate example's length as one int64 array (from the offsets when the examples are mapped)."""
-        shape = type(self.shape)
-        if hasattr(self.examples, "field_lengths") and getattr(shape, "lengths", None) is Sequences.lengths and shape.length is Sequences.length:
-            return self.examples.field_lengths("input_ids").astype(np.int64)
         return np.asarray(self.lengths(), dtype=np.int64)
 
     def _order(self, epoch: int) -> np.ndarray:
         """The rows of this epoch, in order (with no pack_length a row is one example). The shuffle is Python's,
         on an int64 array (8 bytes a row rather than a list's 36); grouping by length is done in numpy with the
         same result as sorting each mega-batch and shuffling the micro batches as lists."""
-        order = array("q", np.arange(len(self.rows), dtype=np.int64).tobytes())
+        order = np.arange(len(self.rows), dtype=np.int64)
         if not self.shuffle:
-            return np.frombuffer(order, dtype=np.int64)
+            return order
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        rng.shuffle(order)
-        order = np.frombuffer(order, dtype=np.int64)
+        shuffled = array("q", order.tobytes())
+        rng.shuffle(shuffled)
+        order = np.frombuffer(shuffled, dtype=np.int64)
         if self.group_by_length and not self.pack_length:
             # Sort within mega-batches of 50 micro batches: similar lengths together, still shuffled.
             size, micro = self.micro_batch_size * 50, self.micro_batch_size
