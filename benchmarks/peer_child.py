@@ -63,7 +63,7 @@ def common(job: str, steps: int) -> dict:
                 logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0)
 
 
-def trl(variant: str, job: str, model_dir: str, data: str, out: str, steps: int) -> None:
+def trl(variant: str, job: str, model_dir: str, data: str, out: str, steps: int, recompute: bool) -> None:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +76,10 @@ def trl(variant: str, job: str, model_dir: str, data: str, out: str, steps: int)
     # TRL refuses max_length without packing (it would not be enforced); every row here is under it
     settings = dict(packing=True, per_device_train_batch_size=1, max_length=MAX_LEN) if variant == "packing" else \
         dict(padding_free=True, per_device_train_batch_size=4, max_length=None)
-    args = SFTConfig(output_dir=out, completion_only_loss=True, **settings, **common(job, steps))
+    # TRL's own defaults are bf16 autocast and gradient checkpointing; the job is fp32, and recomputation is a
+    # variant of its own (on: TRL's default, leanest; off: fastest)
+    args = SFTConfig(output_dir=out, completion_only_loss=True, bf16=False, fp16=False, gradient_checkpointing=recompute,
+                     **settings, **common(job, steps))
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"],
                       task_type="CAUSAL_LM") if job == "lora" else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
@@ -106,7 +109,7 @@ def axolotl(job: str, model_dir: str, data: str, out: str, steps: int) -> None:
     do_cli(config=str(path))
 
 
-def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int) -> None:
+def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int, recompute: bool) -> None:
     from llamafactory.train.tuner import run_exp
 
     folder = Path(data).parent
@@ -116,7 +119,8 @@ def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int) -> N
     args = dict(stage="sft", do_train=True, model_name_or_path=model_dir, dataset="bench", dataset_dir=str(folder),
                 template="alpaca", cutoff_len=MAX_LEN, packing=True, neat_packing=True, per_device_train_batch_size=1,
                 gradient_accumulation_steps=1, output_dir=out, overwrite_output_dir=True, preprocessing_num_workers=1,
-                finetuning_type="lora" if job == "lora" else "full", **settings)
+                finetuning_type="lora" if job == "lora" else "full", bf16=False, fp16=False,
+                disable_gradient_checkpointing=not recompute, **settings)  # checkpointing on is LLaMA-Factory's default
     if job == "lora":
         args.update(lora_rank=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=",".join(LORA["targets"]))
     run_exp(args)
@@ -126,12 +130,14 @@ def main() -> None:
     tool, job, model_dir, data, out, steps, result = sys.argv[1:8]
     steps = int(steps)
     install_probe()
+    recompute = not tool.endswith("_fast")  # "_fast": the tool's setting without gradient checkpointing
+    tool = tool.removesuffix("_fast")
     if tool.startswith("trl_"):
-        trl(tool.removeprefix("trl_"), job, model_dir, data, out, steps)
+        trl(tool.removeprefix("trl_"), job, model_dir, data, out, steps, recompute)
     elif tool == "axolotl":
         axolotl(job, model_dir, data, out, steps)
     elif tool == "llamafactory":
-        llamafactory(job, model_dir, data, out, steps)
+        llamafactory(job, model_dir, data, out, steps, recompute)
     else:
         raise SystemExit(f"unknown tool {tool}")
     marks = MARKS["steps"]

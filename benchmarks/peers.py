@@ -30,19 +30,27 @@ from results_file import write_section  # noqa: E402
 WORK = HERE / ".work" / "peers"
 RUNS = HERE / "results-peers.json"  # every run of every tool, by job
 STEPS = 20
-# tool -> (pip requirement, its best setting in words); lmtune's variants run in this interpreter
+# tool -> (pip requirement, its setting in words). Every run is fp32 (TRL's own default is bf16 autocast). A tool
+# whose default recomputes activations (gradient checkpointing: TRL, LLaMA-Factory) runs twice: at its default,
+# the leanest, and as TOOL_fast without recomputation, the fastest. lmtune's variants run in this interpreter.
 PEERS = {
-    "axolotl": ("axolotl==0.19.0", "sample_packing: true, micro_batch_size 1 (rows of 1,024 tokens)"),
-    "llamafactory": ("llamafactory==0.9.5", "neat_packing: true, batch 1 (rows of 1,024 tokens)"),
-    "trl_packing": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1 (rows of 1,024 tokens)"),
-    "trl_padding_free": ("trl==1.16.0 peft", "SFTTrainer padding_free=True, 4 examples per step"),
+    "axolotl": ("axolotl==0.19.0", "sample_packing: true, micro_batch_size 1"),
+    "llamafactory": ("llamafactory==0.9.5", "neat_packing: true, batch 1 (its default gradient checkpointing)"),
+    "llamafactory_fast": ("llamafactory==0.9.5", "neat_packing: true, batch 1, disable_gradient_checkpointing: true"),
+    "trl_packing": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1 (its default gradient checkpointing)"),
+    "trl_packing_fast": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1, gradient_checkpointing=False"),
+    "trl_padding_free_fast": ("trl==1.16.0 peft", "SFTTrainer padding_free=True, 4 examples per step, gradient_checkpointing=False"),
 }
 LMTUNE = {
     "lmtune": "defaults (4 examples per step, no padding)",
-    "lmtune_packed": "pack_to_length: true, micro_batch_size 1 (rows of 1,024 tokens)",
+    "lmtune_packed": "pack_to_length: true, micro_batch_size 1",
+    "lmtune_packed_recompute": "pack_to_length: true, micro_batch_size 1, gradient_checkpointing: true",
 }
-LAYOUT = {"lmtune": "4 examples", "trl_padding_free": "4 examples", "lmtune_packed": "1,024-token rows",
-          "trl_packing": "1,024-token rows", "axolotl": "1,024-token rows", "llamafactory": "1,024-token rows"}
+# what two runs must share for their memory to be compared: the examples in a micro batch, and recomputation
+LAYOUT = {"lmtune": "4 examples", "trl_padding_free_fast": "4 examples", "lmtune_packed": "1,024-token rows",
+          "trl_packing_fast": "1,024-token rows", "axolotl": "1,024-token rows", "llamafactory_fast": "1,024-token rows",
+          "lmtune_packed_recompute": "1,024-token rows, recomputed", "trl_packing": "1,024-token rows, recomputed",
+          "llamafactory": "1,024-token rows, recomputed"}
 
 
 def venv_for(tool: str) -> Path | None:
@@ -90,8 +98,8 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
         "lr_scheduler": "cosine", "logging_steps": 1, "save_steps": 10 * steps, "output_dir": out, "overwrite_output_dir": True,
         "cache_dir": str(Path(out) / "cache"), "plot_loss": False, "seed": 0, "micro_batch_size": 4,
     }
-    if variant == "lmtune_packed":
-        config.update(pack_to_length=True, micro_batch_size=1)
+    if variant.startswith("lmtune_packed"):
+        config.update(pack_to_length=True, micro_batch_size=1, gradient_checkpointing=variant.endswith("_recompute"))
     if job == "lora":
         config.update(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target=["attention"])
     resolved = resolve(data=config)
@@ -171,9 +179,8 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
              f"`benchmarks/peers.py`: the ~27M-parameter Llama, 2,000 instruction rows, {args.steps} steps, fp32, rows of "
              f"at most 1,024 tokens, on this {os.cpu_count()}-core CPU; medians of {min(map(len, runs.values()))} rounds with the tools' "
              "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool.", ""]
-    for tool in tools:
-        if tool in PEERS:
-            lines.append(f"- {tool}: {versions(tool)}")
+    for requirement in dict.fromkeys(PEERS[t][0] for t in tools if t in PEERS):
+        lines.append(f"- {versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
     for job in args.jobs:
         lines += ["", f"### {'LoRA r16 on q,k,v,o' if job == 'lora' else 'full fine-tuning'}", "",
                   "| tool, setting | layout | tokens/s | peak RSS MiB | start to first step s | loss at the end |",
@@ -195,7 +202,7 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
             lines += ["", f"lmtune defaults against the best peer: {medians['lmtune']['tokens_per_s'] / peers[fastest]['tokens_per_s']:.2f}x "
                       f"the tokens/s of {fastest}; start to first step {medians['lmtune']['first_step_s'] / peers[quickest]['first_step_s']:.2f}x "
                       f"{quickest}'s."]
-            for ours, layout in (("lmtune", "4 examples"), ("lmtune_packed", "1,024-token rows")):
+            for ours, layout in ((t, LAYOUT[t]) for t in LMTUNE):
                 same = {t: m for t, m in peers.items() if LAYOUT[t] == layout}
                 if ours in medians and same:
                     leanest = min(same, key=lambda t: same[t]["peak_mb"])

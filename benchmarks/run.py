@@ -493,7 +493,7 @@ def markdown(results: dict) -> str:
         "lmtune runs with its defaults (padding-free batching on); `sft_lora_padded` sets `packing: false`.",
         "First step: seconds from process start to the end of the first optimizer step, with the tool's data cache",
         "emptied (cold: lmtune's tokenised-data cache, the baseline's `datasets` cache) and again over that cache (warm).",
-        f"Share of peak: model FLOPs of the real (non-padding) tokens per second over this machine's fp32 matmul peak,",
+        "Share of peak: model FLOPs of the real (non-padding) tokens per second over this machine's fp32 matmul peak,",
         f"measured in the same run: {results['matmul_peak_gflops']:.1f} GFLOP/s (2048x2048 products, all threads).",
         "",
         "| job | tool | non-padding tok/s | share of fp32 peak | padding | peak MB | first step s (cold) | first step s (warm) | held-out loss |",

@@ -1,7 +1,6 @@
 """Several processes on CPU (gloo): data parallel and FSDP2 train like one process with the same global batch,
 their checkpoints resume with another process count, and a failing process ends the launch with its message."""
 
-import json
 import os
 import shutil
 import subprocess

@@ -405,3 +405,29 @@ def test_lean_mlp_gives_the_same_numbers_and_keeps_less(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain[1], lean[1]))
     assert lean[2] < plain[2]
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_trained_weights_leave_the_checkpoint_map_and_frozen_ones_stay(tmp_path):
+    """Trainable weights get memory of their own (no copy-on-write faults in the first optimizer step), with the
+    same values; frozen ones keep reading the mapped checkpoint."""
+    from lmtune.model.load import _file_mappings, load_model, own_mapped_weights
+    from lmtune.model.methods import apply_method
+
+    def mapped(parameter: torch.nn.Parameter) -> bool:
+        return any(start <= parameter.data_ptr() < end for start, end in _file_mappings())
+
+    config = load_config(make_config(tmp_path, method="freeze", freeze_trainable_layers=1))
+    model = apply_method(load_model(config), config)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    if not any(mapped(p) for p in model.parameters()):
+        pytest.skip("this transformers version does not map safetensors files")
+    before = [p.detach().clone() for p in trained]
+    inside = sum(mapped(p) for p in trained)
+    assert inside > 0
+    assert own_mapped_weights(model) == inside
+    assert not any(mapped(p) for p in trained)
+    assert all(torch.equal(p, b) for p, b in zip(trained, before))
+    assert any(mapped(p) for p in frozen)
+    assert own_mapped_weights(model) == 0  # nothing left to move

@@ -34,6 +34,7 @@ from .resume import resume_problem
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from ..stages import stage_of
 from .report import MetricsLog, plot_loss, read_metrics
+from ..model.load import own_mapped_weights
 
 
 class TrainingError(UserError, RuntimeError):
@@ -303,6 +304,7 @@ class Run:
             # With several processes and no sharding, each keeps the whole model, unwrapped (gradients are
             # averaged in optimizer_step), so the loss can run the decoder and the head apart as in one process.
             model.to(self.accelerator.device)
+            own_mapped_weights(model)
         self.optimizer = build_optimizer(model, t)  # over the sharded parameters, when sharded
         self.scheduler = build_scheduler(self.optimizer, t, total_steps)
         self.optimizer = self.accelerator.prepare(self.optimizer)
@@ -393,7 +395,7 @@ class Run:
     def _checkpoint_to_resume(self) -> Path:
         """The checkpoint a resume loads: the one named, or the newest whose files match their checksums.
         The ones skipped are named with the reason; none at all is one line that says how to start over."""
-        restart = (f"start over with --set overwrite_output_dir=true (without --resume), or choose another output_dir")
+        restart = ("start over with --set overwrite_output_dir=true (without --resume), or choose another output_dir")
         if self.resume_from != "latest":
             path = Path(self.resume_from)
             why = checkpoint.damage(path) if path.is_dir() else "no such folder"
