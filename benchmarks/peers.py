@@ -8,8 +8,9 @@ order, LoRA r16 on q,k,v,o (or full fine-tuning), AdamW, cosine, fp32, rows of a
 Each peer runs in a virtualenv of its own that this script makes (`.work/peers/venv-TOOL`, torch 2.13.0 and
 the tool's release), through benchmarks/peer_child.py, which counts tokens the same way for every tool:
 the non-padding tokens of every micro batch trained. Each run is a fresh process: start-to-first-step is
-from its start; peak memory is its high-water RSS. Medians of the rounds, with the order of the tools
-rotated each round. Never run in CI.
+from its start; peak memory is its high-water RSS, and beside it the most memory malloc had handed out at
+once (live tensors, without what the allocator keeps free). Medians of the rounds, with the order of the
+tools rotated each round. Never run in CI.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
         raise SystemExit("; ".join(f"{p.key}: {p.message}" for p in resolved.errors))
     skip_bitsandbytes_unless_needed(resolved.config)
     from lmtune.engine.loop import train
+    from peer_child import HeldPeak
+
+    held = HeldPeak()
 
     marks = []
     result_of = train(resolved.config, quiet=True, on_step=lambda state: marks.append((time.time() - t0, state.real_tokens)))
@@ -114,7 +118,7 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
     peak = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
     Path(result).write_text(json.dumps({
         "first_step_s": first[0], "tokens_per_s": (last[1] - first[1]) / max(last[0] - first[0], 1e-9),
-        "steps": len(marks), "peak_mb": peak, "loss": result_of.train_loss,
+        "steps": len(marks), "peak_mb": peak, "held_peak_mb": held.mb(), "loss": result_of.train_loss,
     }))
 
 
@@ -178,23 +182,26 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
     lines = ["## Against the other tools at their best settings", "",
              f"`benchmarks/peers.py`: the ~27M-parameter Llama, 2,000 instruction rows, {args.steps} steps, fp32, rows of "
              f"at most 1,024 tokens, on this {os.cpu_count()}-core CPU; medians of {min(map(len, runs.values()))} rounds with the tools' "
-             "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool.", ""]
+             "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool. Every run is fp32: "
+             "TRL's SFTConfig defaults to bf16 autocast and, like "
+             "LLaMA-Factory, to gradient checkpointing; a tool whose default recomputes runs both ways (`_fast`: without). "
+             "Peak held by malloc: the most memory handed out at once (live tensors), sampled every 2 ms.", ""]
     for requirement in dict.fromkeys(PEERS[t][0] for t in tools if t in PEERS):
         lines.append(f"- {versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
     for job in args.jobs:
         lines += ["", f"### {'LoRA r16 on q,k,v,o' if job == 'lora' else 'full fine-tuning'}", "",
-                  "| tool, setting | layout | tokens/s | peak RSS MiB | start to first step s | loss at the end |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| tool, setting | layout | tokens/s | peak RSS MiB | peak held by malloc MiB | start to first step s | loss at the end |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         medians = {}
         for tool in tools:
             got = runs.get((job, tool))
             if not got:
                 continue
-            medians[tool] = {k: statistics.median(g[k] for g in got) for k in ("tokens_per_s", "peak_mb", "first_step_s")}
+            medians[tool] = {k: statistics.median(g.get(k, float("nan")) for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s")}
             medians[tool]["loss"] = statistics.median(g["loss"] for g in got if g["loss"] is not None) if any(g["loss"] is not None for g in got) else float("nan")
             m = medians[tool]
             lines.append(f"| {tool}: {(LMTUNE | {k: v[1] for k, v in PEERS.items()})[tool]} | {LAYOUT[tool]} | "
-                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
+                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {m['held_peak_mb']:,.0f} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
         peers = {t: m for t, m in medians.items() if t in PEERS}
         if peers and "lmtune" in medians:
             fastest = max(peers, key=lambda t: peers[t]["tokens_per_s"])
