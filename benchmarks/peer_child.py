@@ -33,7 +33,8 @@ def peak_mb() -> float:
 class HeldPeak:
     """The most memory malloc had handed out and not yet taken back (glibc's mallinfo2: heap blocks in use plus
     mapped blocks), sampled every 2 ms on a thread of its own: the live tensors' peak, without what the allocator
-    keeps free for reuse. Beside the peak RSS it shows how much of that an allocator setting holds."""
+    keeps free for reuse. Beside the peak RSS it shows how much of that an allocator setting holds. Only with
+    PEER_HELD set (peers.py --held), as the sampling slows the run it measures."""
 
     def __init__(self) -> None:
         import ctypes
@@ -46,16 +47,17 @@ class HeldPeak:
         self.libc, self.Info, self.peak = ctypes.CDLL("libc.so.6"), Info, 0
         self.libc.mallinfo2.restype = Info
         self.stop = threading.Event()
-        threading.Thread(target=self._watch, daemon=True).start()
+        if os.environ.get("PEER_HELD"):  # the sampler's wake-ups cost 8-10% of a step's speed on 2 cores: opt-in
+            threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
         while not self.stop.wait(0.002):
             info = self.libc.mallinfo2()
             self.peak = max(self.peak, info.uordblks + info.hblkhd)
 
-    def mb(self) -> float:
+    def mb(self) -> float | None:
         self.stop.set()
-        return self.peak / 2**20
+        return self.peak / 2**20 if os.environ.get("PEER_HELD") else None
 
 
 def install_probe() -> None:

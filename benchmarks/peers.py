@@ -30,6 +30,7 @@ from results_file import write_section  # noqa: E402
 
 WORK = HERE / ".work" / "peers"
 RUNS = HERE / "results-peers.json"  # every run of every tool, by job
+HELD = False  # --held: sample the peak held by malloc too
 STEPS = 20
 # tool -> (pip requirement, its setting in words). Every run is fp32 (TRL's own default is bf16 autocast). A tool
 # whose default recomputes activations (gradient checkpointing: TRL, LLaMA-Factory) runs twice: at its default,
@@ -127,7 +128,7 @@ def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: i
     result = out.with_suffix(".json")
     result.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PEER_T0": str(time.time()), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
+    env = {**os.environ, "PEER_T0": str(time.time()), **({"PEER_HELD": "1"} if HELD else {}), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     if tool in LMTUNE:
         command = [sys.executable, __file__, "--child", tool, job, str(model), str(data), str(out), str(steps), str(result)]
@@ -146,8 +147,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--jobs", nargs="+", default=["lora", "full"])
     parser.add_argument("--tools", nargs="+", default=[*LMTUNE, *PEERS])
+    parser.add_argument("--held", action="store_true", help="also sample the peak held by malloc (slows every run 8-10%%)")
     parser.add_argument("--child", nargs=7)
     args = parser.parse_args()
+    global HELD
+    HELD = args.held
     if args.child:
         variant, job, model, data, out, steps, result = args.child
         lmtune_child(variant, job, model, data, out, int(steps), result)
@@ -185,7 +189,8 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
              "order rotated; tokens are the non-padding tokens trained, counted the same way for every tool. Every run is fp32: "
              "TRL's SFTConfig defaults to bf16 autocast and, like "
              "LLaMA-Factory, to gradient checkpointing; a tool whose default recomputes runs both ways (`_fast`: without). "
-             "Peak held by malloc: the most memory handed out at once (live tensors), sampled every 2 ms.", ""]
+             "Peak held by malloc (with `--held` only, as sampling it slows every run 8-10%): the most memory handed out at once "
+             "(live tensors), sampled every 2 ms.", ""]
     for requirement in dict.fromkeys(PEERS[t][0] for t in tools if t in PEERS):
         lines.append(f"- {versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
     for job in args.jobs:
@@ -197,11 +202,11 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
             got = runs.get((job, tool))
             if not got:
                 continue
-            medians[tool] = {k: statistics.median(g.get(k, float("nan")) for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s")}
+            medians[tool] = {k: statistics.median(g.get(k) or float("nan") for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s")}
             medians[tool]["loss"] = statistics.median(g["loss"] for g in got if g["loss"] is not None) if any(g["loss"] is not None for g in got) else float("nan")
             m = medians[tool]
             lines.append(f"| {tool}: {(LMTUNE | {k: v[1] for k, v in PEERS.items()})[tool]} | {LAYOUT[tool]} | "
-                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {m['held_peak_mb']:,.0f} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
+                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {'-' if m['held_peak_mb'] != m['held_peak_mb'] else f"{m['held_peak_mb']:,.0f}"} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
         peers = {t: m for t, m in medians.items() if t in PEERS}
         if peers and "lmtune" in medians:
             fastest = max(peers, key=lambda t: peers[t]["tokens_per_s"])
