@@ -205,8 +205,9 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
             medians[tool] = {k: statistics.median(g.get(k) or float("nan") for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s")}
             medians[tool]["loss"] = statistics.median(g["loss"] for g in got if g["loss"] is not None) if any(g["loss"] is not None for g in got) else float("nan")
             m = medians[tool]
+            held = "-" if m["held_peak_mb"] != m["held_peak_mb"] else f"{m['held_peak_mb']:,.0f}"  # nan: not sampled
             lines.append(f"| {tool}: {(LMTUNE | {k: v[1] for k, v in PEERS.items()})[tool]} | {LAYOUT[tool]} | "
-                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {'-' if m['held_peak_mb'] != m['held_peak_mb'] else f"{m['held_peak_mb']:,.0f}"} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
+                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {held} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
         peers = {t: m for t, m in medians.items() if t in PEERS}
         if peers and "lmtune" in medians:
             fastest = max(peers, key=lambda t: peers[t]["tokens_per_s"])
