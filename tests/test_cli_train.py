@@ -76,6 +76,23 @@ def test_lora_train_and_chat_never_import_bitsandbytes(tmp_path):
         assert "peft" in imported
         # a blocked `import bitsandbytes` still shows as one empty line; a real one loads its submodules
         assert not any(name.startswith("bitsandbytes.") for name in imported), command[0]
+        assert "scipy.optimize" not in imported, command[0]  # transformers' detection losses would import it
+
+
+def test_scipy_is_hidden_only_while_transformers_modeling_imports(tmp_path):
+    code = (
+        "import sys\n"
+        "from lmtune.model.unused_imports import import_modeling_without_scipy\n"
+        "import_modeling_without_scipy()\n"
+        "assert 'transformers.modeling_utils' in sys.modules and 'scipy' not in sys.modules\n"
+        "import scipy.optimize\n"  # a reward function's own import still works
+        "from transformers.utils.import_utils import is_scipy_available\n"
+        "assert is_scipy_available()\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
 
 
 def test_hiding_bitsandbytes_is_refused_to_a_later_quantised_run(tmp_path):

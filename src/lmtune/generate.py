@@ -30,6 +30,9 @@ def final_dir(run: str | Path) -> Path:
 
 def load_for_inference(run: str | Path, merge: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, meta) of a run folder: a PEFT adapter over its base, or a full model."""
+    from .model.unused_imports import import_modeling_without_scipy
+
+    import_modeling_without_scipy()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .model.load import model_location

@@ -21,6 +21,9 @@ class ScoreInputError(UserError, ValueError):
 
 def load_reward_model(location: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, meta) of an rm run: a full sequence-classification model, or a PEFT adapter with its head."""
+    from .model.unused_imports import import_modeling_without_scipy
+
+    import_modeling_without_scipy()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .model.load import model_location

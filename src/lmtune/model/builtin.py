@@ -116,6 +116,10 @@ def build_tokenizer(folder: Path) -> None:
 
 def build_model(folder: Path, spec: dict, tokenizer_folder: Path) -> None:
     import torch
+
+    from .unused_imports import import_modeling_without_scipy
+
+    import_modeling_without_scipy()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)

@@ -120,6 +120,9 @@ def load_model_config(config: Config, location: str | None = None) -> Any:
 
 def load_model(config: Config, location: str | None = None, head: str = "lm") -> Any:
     """The base model with its language-model head, or (`head="reward"`) with one scalar output (rm)."""
+    from .unused_imports import import_modeling_without_scipy
+
+    import_modeling_without_scipy()
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, f = config.model, config.finetuning

@@ -1,9 +1,13 @@
-"""Keep bitsandbytes out of a process whose run never uses it.
+"""Keep libraries out of a process whose run never uses them.
 
 peft imports bitsandbytes at module level whenever it is installed, and that
 import registers bitsandbytes' torch ops: about 2 s on a 2-core CPU, a quarter
 of a LoRA run's time to its first step. Only a quantised base (qlora,
 int8_quantization) or the 8-bit optimizer call it.
+
+transformers' modeling code imports its object-detection losses, and they
+import scipy.optimize when scipy is installed (0.3 s on the same CPU) for a
+matcher no causal language model calls.
 """
 
 from __future__ import annotations
@@ -43,3 +47,27 @@ def skip_bitsandbytes_unless_needed(config: Config) -> None:
             "this process already ran a configuration without bitsandbytes and hid it; "
             "run the quantised configuration in a new process"
         )
+
+
+def import_modeling_without_scipy() -> None:
+    """Import transformers' modeling code with scipy hidden, then show it again: the detection losses that
+    would import it see no scipy and skip it, and anything else in the process (a reward function, ...) can
+    still import scipy. A no-op once either is loaded."""
+    if "transformers.modeling_utils" in sys.modules or "scipy" in sys.modules:
+        return
+    from transformers.utils import import_utils
+
+    # transformers caches its answer to "is scipy installed?"; it is asked afresh while scipy is hidden, and
+    # again after
+    forget = getattr(getattr(import_utils, "is_scipy_available", None), "cache_clear", lambda: None)
+    sys.modules["scipy"] = None
+    forget()
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    except ImportError:
+        pass  # this transformers needs scipy some other way: imported with it below
+    finally:
+        if "scipy" in sys.modules and sys.modules["scipy"] is None:
+            del sys.modules["scipy"]
+        forget()
+    import transformers.modeling_utils  # noqa: F401, F811
