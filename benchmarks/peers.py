@@ -8,8 +8,9 @@ order, LoRA r16 on q,k,v,o (or full fine-tuning), AdamW, cosine, fp32, rows of a
 Each peer runs in a virtualenv of its own that this script makes (`.work/peers/venv-TOOL`, torch 2.13.0 and
 the tool's release), through benchmarks/peer_child.py, which counts tokens the same way for every tool:
 the non-padding tokens of every micro batch trained. Each run is a fresh process: start-to-first-step is
-from its start; peak memory is its high-water RSS, and beside it the most memory malloc had handed out at
-once (live tensors, without what the allocator keeps free). Medians of the rounds, with the order of the
+from its start, with the tool's caches emptied (cold) and filled (warm); peak memory is its high-water RSS,
+and beside it the most memory malloc had handed out at once (live tensors, without what the allocator keeps
+free). Medians of the rounds, with the order of the
 tools rotated each round. Never run in CI.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,20 +125,25 @@ def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps:
     }))
 
 
-def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: int) -> dict | None:
+def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: int, cold: bool = False) -> dict | None:
+    """One run in a fresh process. Cold: the tool's caches emptied first (lmtune's tokenised data, the datasets
+    cache TRL and LLaMA-Factory tokenise into, Axolotl's prepared dataset), so its start includes preparing the
+    data; a warm run after it finds them filled."""
     out = WORK / "runs" / f"{tool}-{job}"
     result = out.with_suffix(".json")
     result.unlink(missing_ok=True)
+    if cold:
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PEER_T0": str(time.time()), **({"PEER_HELD": "1"} if HELD else {}), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_CACHE": str(out / "hf-datasets")}
     if tool in LMTUNE:
         command = [sys.executable, __file__, "--child", tool, job, str(model), str(data), str(out), str(steps), str(result)]
     else:
         command = [str(python), str(HERE / "peer_child.py"), tool, job, str(model), str(data), str(out), str(steps), str(result)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=out)
     if done.returncode != 0 or not result.exists():
-        print(f"{tool} {job}: failed: {(done.stderr.strip() or done.stdout.strip())[-1500:]}", flush=True)
+        print(f"{tool} {job}{' (cold)' if cold else ''}: failed: {(done.stderr.strip() or done.stdout.strip())[-1500:]}", flush=True)
         return None
     return json.loads(result.read_text())
 
@@ -168,11 +175,14 @@ def main() -> None:
         order = tools[round_number % len(tools):] + tools[: round_number % len(tools)]
         for job in args.jobs:
             for tool in order:
+                # a cold start first (2 steps: only its first one is timed), then the measured run on warm caches
+                cold = one_run(tool, job, pythons[tool], model, data / "train.jsonl", 2, cold=True)
                 got = one_run(tool, job, pythons[tool], model, data / "train.jsonl", args.steps)
                 if got:
+                    got["first_step_cold_s"] = cold["first_step_s"] if cold else None
                     runs.setdefault((job, tool), []).append(got)
                     print(f"round {round_number + 1} {job} {tool}: {got['tokens_per_s']:.0f} tok/s, {got['peak_mb']:.0f} MiB, "
-                          f"first step {got['first_step_s']:.1f} s, loss {got['loss']}", flush=True)
+                          f"first step {got['first_step_s']:.1f} s (cold {got['first_step_cold_s'] or float('nan'):.1f} s), loss {got['loss']}", flush=True)
     # every run kept by (job, tool): a later call for some tools replaces theirs and reports beside the rest
     stored = json.loads(RUNS.read_text()) if RUNS.exists() else {}
     stored.update({f"{job} {tool}": got for (job, tool), got in runs.items()})
@@ -190,31 +200,34 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
              "TRL's SFTConfig defaults to bf16 autocast and, like "
              "LLaMA-Factory, to gradient checkpointing; a tool whose default recomputes runs both ways (`_fast`: without). "
              "Peak held by malloc (with `--held` only, as sampling it slows every run 8-10%): the most memory handed out at once "
-             "(live tensors), sampled every 2 ms.", ""]
+             "(live tensors), sampled every 2 ms. Start to first step: from the process's start to the end of its first "
+             "optimizer step; cold: each tool's caches emptied first (tokenised data, datasets cache, prepared dataset), in a "
+             "2-step run just before the measured one, which finds them filled (warm).", ""]
     for requirement in dict.fromkeys(PEERS[t][0] for t in tools if t in PEERS):
         lines.append(f"- {versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
     for job in args.jobs:
         lines += ["", f"### {'LoRA r16 on q,k,v,o' if job == 'lora' else 'full fine-tuning'}", "",
-                  "| tool, setting | layout | tokens/s | peak RSS MiB | peak held by malloc MiB | start to first step s | loss at the end |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| tool, setting | layout | tokens/s | peak RSS MiB | peak held by malloc MiB | start to first step s, warm | cold | loss at the end |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         medians = {}
         for tool in tools:
             got = runs.get((job, tool))
             if not got:
                 continue
-            medians[tool] = {k: statistics.median(g.get(k) or float("nan") for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s")}
+            medians[tool] = {k: statistics.median(g.get(k) or float("nan") for g in got) for k in ("tokens_per_s", "peak_mb", "held_peak_mb", "first_step_s", "first_step_cold_s")}
             medians[tool]["loss"] = statistics.median(g["loss"] for g in got if g["loss"] is not None) if any(g["loss"] is not None for g in got) else float("nan")
             m = medians[tool]
             held = "-" if m["held_peak_mb"] != m["held_peak_mb"] else f"{m['held_peak_mb']:,.0f}"  # nan: not sampled
             lines.append(f"| {tool}: {(LMTUNE | {k: v[1] for k, v in PEERS.items()})[tool]} | {LAYOUT[tool]} | "
-                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {held} | {m['first_step_s']:.1f} | {m['loss']:.3f} |")
+                         f"{m['tokens_per_s']:,.0f} | {m['peak_mb']:,.0f} | {held} | {m['first_step_s']:.1f} | {m['first_step_cold_s']:.1f} | {m['loss']:.3f} |")
         peers = {t: m for t, m in medians.items() if t in PEERS}
         if peers and "lmtune" in medians:
             fastest = max(peers, key=lambda t: peers[t]["tokens_per_s"])
-            quickest = min(peers, key=lambda t: peers[t]["first_step_s"])
+            quick = {f"{m}_s": min(peers, key=lambda t, m=m: peers[t][f"{m}_s"]) for m in ("first_step", "first_step_cold")}
+            starts = "; ".join(f"start to first step{' (cold caches)' if 'cold' in key else ''} "
+                               f"{medians['lmtune'][key] / peers[t][key]:.2f}x {t}'s" for key, t in quick.items())
             lines += ["", f"lmtune defaults against the best peer: {medians['lmtune']['tokens_per_s'] / peers[fastest]['tokens_per_s']:.2f}x "
-                      f"the tokens/s of {fastest}; start to first step {medians['lmtune']['first_step_s'] / peers[quickest]['first_step_s']:.2f}x "
-                      f"{quickest}'s."]
+                      f"the tokens/s of {fastest}; {starts} (the quickest peer's)."]
             for ours, layout in ((t, LAYOUT[t]) for t in LMTUNE):
                 same = {t: m for t, m in peers.items() if LAYOUT[t] == layout}
                 if ours in medians and same:
