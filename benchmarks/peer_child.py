@@ -5,7 +5,8 @@
 The probe below counts every tool the same way: the non-padding tokens of each micro batch the Trainer
 trains (an attention mask's non-zero entries, else every position of a padding-free row), the time of
 each optimizer step's end, and the loss logged. Every peer but torchtune trains through transformers'
-`Trainer`, so one patch of it serves them all. Nothing here imports lmtune: the peers' venvs lack it.
+`Trainer`, so one patch of it serves them all; torchtune's recipe gets the same probe on its own methods.
+Nothing here imports lmtune: the peers' venvs lack it.
 """
 
 from __future__ import annotations
@@ -156,11 +157,93 @@ def llamafactory(job: str, model_dir: str, data: str, out: str, steps: int, reco
     run_exp(args)
 
 
+class TorchtuneTokenizer:
+    """torchtune's model transform over the benchmark model's tokenizer.json (torchtune ships none for a
+    tokenizer built in code): each message's text tokenised without special tokens, the end-of-sequence id after
+    the answer, masked where torchtune says (the prompt, as train_on_input is off)."""
+
+    def __init__(self, path: str, max_seq_len: int, eos_id: int = 1) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer, self.max_seq_len, self.eos_id = Tokenizer.from_file(path), max_seq_len, eos_id
+        self.pad_id = 0  # torchtune's PackedDataset pads with 0 whatever the tokenizer says; no text encodes to it
+
+    def __call__(self, sample: dict, inference: bool = False) -> dict:
+        tokens: list = []
+        mask: list = []
+        for message in sample["messages"]:
+            text = "".join(part["content"] for part in message.content) if not isinstance(message.content, str) else message.content
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids + ([self.eos_id] if message.role == "assistant" else [])
+            tokens += ids
+            mask += [message.masked] * len(ids)
+        return {**sample, "tokens": tokens[: self.max_seq_len], "mask": mask[: self.max_seq_len]}
+
+
+def torchtune(job: str, model_dir: str, data: str, out: str, steps: int, recompute: bool) -> None:
+    """torchtune's own single-device recipe (LoRA or full), loaded from the wheel's recipes folder, packed."""
+    import importlib.util
+
+    import torchtune as package
+    from omegaconf import OmegaConf
+
+    shape = dict(vocab_size=1024, num_layers=8, num_heads=8, num_kv_heads=4, embed_dim=512, max_seq_len=2048,
+                 intermediate_dim=1408, norm_eps=1e-6, rope_base=10000.0)  # the benchmark model's config.json
+    if job == "lora":
+        model = dict(_component_="torchtune.models.llama3.lora_llama3", lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+                     apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=LORA["r"], lora_alpha=LORA["alpha"],
+                     lora_dropout=LORA["dropout"], **shape)
+    else:
+        model = dict(_component_="torchtune.models.llama3.llama3", **shape)
+    cfg = OmegaConf.create({
+        "output_dir": out, "model": model, "seed": 0, "shuffle": True, "batch_size": 1, "epochs": 1,
+        "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1, "compile": False, "device": "cpu", "dtype": "fp32",
+        "tokenizer": {"_component_": "peer_child.TorchtuneTokenizer", "path": str(Path(model_dir) / "tokenizer.json"), "max_seq_len": MAX_LEN},
+        "checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer", "checkpoint_dir": model_dir,
+                         "checkpoint_files": ["model.safetensors"], "model_type": "LLAMA3", "output_dir": out, "recipe_checkpoint": None},
+        "resume_from_checkpoint": False, "save_adapter_weights_only": True,
+        "dataset": {"_component_": "torchtune.datasets.alpaca_dataset", "source": "json", "data_files": data,
+                    "train_on_input": False, "packed": True, "split": "train"},
+        # transformers' AdamW defaults, as the Trainer-based peers run
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": common(job, steps)["learning_rate"], "weight_decay": 0.0},
+        "lr_scheduler": {"_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup", "num_warmup_steps": 0},
+        "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}, "optimizer_in_bwd": False,
+        "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(Path(out) / "logs")},
+        "log_every_n_steps": 1, "enable_activation_checkpointing": recompute, "enable_activation_offloading": False,
+        "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},
+    })
+    name = "lora_finetune_single_device" if job == "lora" else "full_finetune_single_device"
+    path = Path(package.__file__).parent.parent / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe_class = next(v for k, v in vars(module).items() if k.endswith("RecipeSingleDevice"))
+    recipe = recipe_class(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    loss_step, scheduler_step, log_dict = recipe._loss_step, recipe._lr_scheduler.step, recipe._metric_logger.log_dict
+
+    def counted_loss_step(batch):
+        MARKS["tokens"] += int((batch["tokens"] != 0).sum())  # pack padding is id 0
+        return loss_step(batch)
+
+    def timed_scheduler_step(*args, **kwargs):  # right after each optimizer step
+        scheduler_step(*args, **kwargs)
+        MARKS["steps"].append((time.time() - T0, MARKS["tokens"]))
+
+    def logged(values, step):
+        MARKS["loss"] = float(values["loss"])
+        return log_dict(values, step)
+
+    recipe._loss_step, recipe._lr_scheduler.step, recipe._metric_logger.log_dict = counted_loss_step, timed_scheduler_step, logged
+    recipe.train()
+    recipe.cleanup()
+
+
 def main() -> None:
     tool, job, model_dir, data, out, steps, result = sys.argv[1:8]
     steps = int(steps)
     held = HeldPeak()
-    install_probe()
+    if not tool.startswith("torchtune"):
+        install_probe()
     recompute = not tool.endswith("_fast")  # "_fast": the tool's setting without gradient checkpointing
     tool = tool.removesuffix("_fast")
     if tool.startswith("trl_"):
@@ -169,6 +252,8 @@ def main() -> None:
         axolotl(job, model_dir, data, out, steps)
     elif tool == "llamafactory":
         llamafactory(job, model_dir, data, out, steps, recompute)
+    elif tool == "torchtune":
+        torchtune(job, model_dir, data, out, steps, recompute)
     else:
         raise SystemExit(f"unknown tool {tool}")
     marks = MARKS["steps"]

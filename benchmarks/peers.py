@@ -34,6 +34,7 @@ WORK = HERE / ".work" / "peers"
 RUNS = HERE / "results-peers.json"  # every run of every tool, by job
 HELD = False  # --held: sample the peak held by malloc too
 STEPS = 20
+TORCHTUNE = "torchtune==0.6.1 torchao==0.10.0"
 # tool -> (pip requirement, its setting in words). Every run is fp32 (TRL's own default is bf16 autocast). A tool
 # whose default recomputes activations (gradient checkpointing: TRL, LLaMA-Factory) runs twice: at its default,
 # the leanest, and as TOOL_fast without recomputation, the fastest. lmtune's variants run in this interpreter.
@@ -44,6 +45,9 @@ PEERS = {
     "trl_packing": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1 (its default gradient checkpointing)"),
     "trl_packing_fast": ("trl==1.16.0 peft", "SFTTrainer packing=True, batch 1, gradient_checkpointing=False"),
     "trl_padding_free_fast": ("trl==1.16.0 peft", "SFTTrainer padding_free=True, 4 examples per step, gradient_checkpointing=False"),
+    # torchtune 0.6.1 imports torchao.dtypes.nf4tensor, which later torchao releases moved: the release of its time
+    "torchtune": (TORCHTUNE, "packed: True, batch_size 1, enable_activation_checkpointing: true (its configs' setting)"),
+    "torchtune_fast": (TORCHTUNE, "packed: True, batch_size 1, enable_activation_checkpointing: false"),
 }
 LMTUNE = {
     "lmtune": "defaults (4 examples per step, no padding)",
@@ -54,7 +58,7 @@ LMTUNE = {
 LAYOUT = {"lmtune": "4 examples", "trl_padding_free_fast": "4 examples", "lmtune_packed": "1,024-token rows",
           "trl_packing_fast": "1,024-token rows", "axolotl": "1,024-token rows", "llamafactory_fast": "1,024-token rows",
           "lmtune_packed_recompute": "1,024-token rows, recomputed", "trl_packing": "1,024-token rows, recomputed",
-          "llamafactory": "1,024-token rows, recomputed"}
+          "llamafactory": "1,024-token rows, recomputed", "torchtune": "1,024-token rows, recomputed", "torchtune_fast": "1,024-token rows"}
 
 
 def venv_for(tool: str) -> Path | None:
@@ -87,7 +91,8 @@ def versions(tool: str) -> str:
     folder = WORK / f"venv-{PEERS[tool][0].split('==')[0]}"
     frozen = dict(line.split("==", 1) for line in (folder / "ok").read_text().splitlines() if "==" in line)
     name = PEERS[tool][0].split("==")[0]
-    return f"{name} {frozen.get(name, '?')}, transformers {frozen.get('transformers', '?')}, torch {frozen.get('torch', '?')}"
+    beside = [f"{lib} {frozen[lib]}" for lib in ("torchao", "transformers") if lib in frozen]  # torchtune runs without transformers
+    return ", ".join([f"{name} {frozen.get(name, '?')}", *beside, f"torch {frozen.get('torch', '?')}"])
 
 
 def lmtune_child(variant: str, job: str, model: str, data: str, out: str, steps: int, result: str) -> None:
