@@ -262,6 +262,9 @@ def main() -> None:
         "first_step_s": first[0], "tokens_per_s": (last[1] - first[1]) / max(last[0] - first[0], 1e-9),
         "steps": len(marks), "peak_mb": peak_mb(), "held_peak_mb": held.mb(), "loss": MARKS.get("loss"),
     }))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # measured and written: no waiting on a tool's exit handlers (telemetry uploads, worker pools)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def one_run(tool: str, job: str, python: Path, model: Path, data: Path, steps: i
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PEER_T0": str(time.time()), **({"PEER_HELD": "1"} if HELD else {}), "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_CACHE": str(out / "hf-datasets")}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_CACHE": str(out / "hf-datasets"),
+           "DO_NOT_TRACK": "1", "AXOLOTL_DO_NOT_TRACK": "1"}  # offline, Axolotl's telemetry retries at exit for minutes
     if tool in LMTUNE:
         command = [sys.executable, __file__, "--child", tool, job, str(model), str(data), str(out), str(steps), str(result)]
     else:
