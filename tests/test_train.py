@@ -431,3 +431,27 @@ def test_trained_weights_leave_the_checkpoint_map_and_frozen_ones_stay(tmp_path)
     assert all(torch.equal(p, b) for p, b in zip(trained, before))
     assert any(mapped(p) for p in frozen)
     assert own_mapped_weights(model) == 0  # nothing left to move
+
+
+def test_collection_pauses_only_while_a_run_sets_up(tmp_path):
+    import gc
+
+    from lmtune.engine import loop
+
+    seen = []
+    setup = loop.SharedLoop.__init__
+
+    def watched(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        setup(self, *args, **kwargs)
+
+    loop.SharedLoop.__init__ = watched
+    try:
+        run(make_config(tmp_path, max_steps=2), on_step=lambda state: seen.append(gc.isenabled()))
+    finally:
+        loop.SharedLoop.__init__ = setup
+    assert seen == [False, True, True]  # paused while setting up, collecting during the steps
+    with pytest.raises(TrainingError):  # a setup that fails leaves collection on
+        with loop.collection_paused():
+            raise TrainingError("setup failed")
+    assert gc.isenabled()

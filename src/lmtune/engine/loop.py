@@ -13,11 +13,13 @@ bring their own recipe. A stage with a recipe of its own runs that instead.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -82,7 +84,26 @@ def train(
             module, _, function = stage.recipe.partition(":")
             recipe = getattr(importlib.import_module(module), function)
             return recipe(config, config_dir, resume=resume, quiet=quiet, on_step=on_step)
-        return SharedLoop(config, stage, config_dir, resume, quiet, on_step).train()
+        with collection_paused():
+            loop = SharedLoop(config, stage, config_dir, resume, quiet, on_step)
+        return loop.train()
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a run sets up. Importing transformers and peft and building the model
+    make hundreds of thousands of objects, and the collector walks them again and again as they pile up: 0.35 s
+    of a LoRA run's 4 s to its first step on a 2-core CPU (the tokenizer phase 1.1 -> 0.95 s, the model load
+    0.63 -> 0.46 s). Afterwards what setup made is frozen (kept, and left out of every later collection) and
+    collection resumes for the steps."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 class SharedLoop:
