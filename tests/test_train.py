@@ -451,6 +451,7 @@ def test_collection_pauses_only_while_a_run_sets_up(tmp_path):
     finally:
         loop.SharedLoop.__init__ = setup
     assert seen == [False, True, True]  # paused while setting up, collecting during the steps
+    assert gc.get_freeze_count() == 0  # what the run froze is collectable again after it
     with pytest.raises(TrainingError):  # a setup that fails leaves collection on
         with loop.collection_paused():
             raise TrainingError("setup failed")
