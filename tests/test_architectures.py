@@ -20,6 +20,7 @@ from lmtune.losses import summed_token_loss
 from lmtune.engine.report import read_metrics
 from lmtune.model.packed_attention import PackingNotExact, packing_obstacle, switch_to_packed, use_packed_attention
 from lmtune.model.rms_norm import use_fused_rms_norm
+from lmtune.model.rotary import use_fused_rotary
 from lmtune.plan import FUSED_RMS_NORMS
 
 WINDOW = 16  # shorter than the longest example below
@@ -96,6 +97,43 @@ def test_fused_rms_norms_give_the_same_loss_and_gradients(kind, norms_trained):
         assert (fused_grads[name] - grad).abs().max() / (grad.abs().max() + 1e-12) < 1e-5, (kind, name)
     if rms_norms and norms_trained:
         assert kept_elements(model, batch) < kept_plain  # the normalised outputs are no longer kept
+
+
+ROTARY_AS_LLAMA = {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"}  # phi3 and gpt_neox rotate their own way
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_fused_rotary_gives_bit_for_bit_the_same_loss_and_gradients(kind, monkeypatch):
+    """Llama's rotary code (copied into most decoders) takes the one-function rotation, with the same
+    numbers to the last bit, packed; the models that rotate another way keep their own code."""
+    import sys
+
+    model = build(kind, pad_token_id=0)
+    model.train()
+    use_packed_attention(model)
+    batch = packed_batch(examples())
+    modeling = sys.modules[type(model).__module__]
+    ours = getattr(modeling, "apply_rotary_pos_emb", None)
+    if hasattr(ours, "lmtune_original"):  # an earlier test in this process already fused it: compare with the original
+        monkeypatch.setattr(modeling, "apply_rotary_pos_emb", ours.lmtune_original)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    assert use_fused_rotary(model) == (kind in ROTARY_AS_LLAMA)
+    fused_loss, fused_grads = loss_and_grads(model, batch)
+    assert torch.equal(fused_loss, plain_loss), kind
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.equal(fused_grads[name], grad), (kind, name)
+    if kind in ROTARY_AS_LLAMA:  # and the rotation in the graph is the fused one
+        assert "_RotatedBackward" in graph_node_names(summed_token_loss(model, batch).grad_fn)
+
+
+def graph_node_names(node, seen=None):
+    seen = set() if seen is None else seen
+    if node is not None and node not in seen:
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            graph_node_names(parent, seen)
+    return {type(n).__name__ for n in seen}
 
 
 @pytest.mark.parametrize("model_type", sorted(FUSED_RMS_NORMS))

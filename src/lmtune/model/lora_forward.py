@@ -48,12 +48,14 @@ def _rare_places(count: int, rare: float) -> torch.Tensor:
 
     def gaps() -> torch.Tensor:
         uniform = torch.rand(batch, dtype=torch.float64)
-        return torch.rsub(uniform, 1.0).log_().mul_(per_gap).floor_().add_(1.0).cumsum_(0)
+        return uniform.neg_().add_(1.0).log_().mul_(per_gap).floor_().add_(1.0).cumsum_(0)  # -U + 1 is 1 - U exactly
 
     places = gaps()
     while places[-1] < count:  # more occurrences than the generous first batch held: rare
         places = torch.cat([places, gaps() + places[-1]])
-    return places[places <= count].long() - 1
+    # Every gap is at least 1, so the places rise strictly: those within the tensor are a prefix (no mask pass).
+    within = int(torch.searchsorted(places, float(count), right=True))
+    return places[:within].long() - 1
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:

@@ -168,9 +168,11 @@ def apply_method(model: torch.nn.Module, config: Config) -> Any:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     from .lean_mlp import use_lean_mlp
     from .rms_norm import use_fused_rms_norm
+    from .rotary import use_fused_rotary
 
     use_lean_mlp(model)  # the same numbers, a quarter fewer feed-forward activations kept (see lean_mlp)
     use_fused_rms_norm(model)  # the same forward, a backward in fewer passes over memory (see rms_norm)
+    use_fused_rotary(model)  # the same numbers in fewer passes over queries and keys (see rotary)
     return model
 
 
