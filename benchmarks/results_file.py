@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-ORDER = ("baseline", "peers", "lengths", "profile", "length", "dpo", "grpo", "plan", "board", "data")  # run.py, peers.py,
-# length_sweep.py, step_profile.py, length_step.py, dpo.py, grpo.py, plan_accuracy.py, board.py, data_scale.py
+ORDER = ("baseline", "peers", "lengths", "profile", "parts", "length", "dpo", "grpo", "plan", "board", "data")  # run.py, peers.py,
+# length_sweep.py, step_profile.py, step_parts.py, length_step.py, dpo.py, grpo.py, plan_accuracy.py, board.py, data_scale.py
 TITLE = "# Benchmark results\n"
 
 

@@ -57,14 +57,14 @@ def matmul_counter() -> Any:
     return MatmulFlops()
 
 
-def over_steps(job: str, model: Path, data: Path, begin: Callable[[], None], end: Callable[[], None]) -> float:
-    """Train the job's first steps with lmtune's defaults; `begin` after the warm-up steps, `end` after
-    the profiled ones. Returns the profiled steps' real tokens per second."""
+def over_steps(job: str, model: Path, data: Path, begin: Callable[[], None], end: Callable[[], None], **changes: Any) -> float:
+    """Train the job's first steps with lmtune's defaults (and the config `changes`); `begin` after the warm-up
+    steps, `end` after the profiled ones. Returns the profiled steps' real tokens per second."""
     from lmtune.config.load import resolve
     from lmtune.engine.loop import train
 
     out = WORK / "runs" / f"profile-{job}"
-    resolved = resolve(data=lmtune_config(job, model, data, out, epochs=1.0, max_steps=WARMUP + PROFILED))
+    resolved = resolve(data={**lmtune_config(job, model, data, out, epochs=1.0, max_steps=WARMUP + PROFILED), **changes})
     assert resolved.config is not None, resolved.errors
     marks: dict = {}
 
