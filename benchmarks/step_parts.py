@@ -1,6 +1,6 @@
 """What each part of lmtune's training step costs, measured by making it free.
 
-    python benchmarks/step_parts.py      # writes the parts section of RESULTS.md (about 10 minutes)
+    python benchmarks/step_parts.py      # writes the parts section of RESULTS.md (about 15 minutes)
 
 torch.profiler inflates elementwise operators several-fold inside training (see step_profile.py), so its
 shares say little about norms, rotary or dropout. Here each part is replaced by a stand-in that does next to
@@ -13,6 +13,9 @@ shapes and the backward pass are kept):
 - rotary: queries and keys pass through unrotated;
 - norms: every RMS norm returns its input;
 - LoRA dropout: `lora_dropout: 0` (the adapters' plain forward).
+
+The norms' stand-in lets unnormalised values reach the layers above, which may run at another speed on
+them: that column is the least certain. Shares within 2-3% either way are this machine's run-to-run noise.
 
 What is left after these, and after the matrix products (whose time step_profile.py measures), is the rest:
 residual additions, activations, the loss, the optimizer, the loop.
@@ -32,7 +35,7 @@ from results_file import write_section  # noqa: E402
 from run import WORK, build_data, build_model, machine  # noqa: E402
 from step_profile import JOBS, PROFILED, WARMUP, over_steps  # noqa: E402
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _values_for_every_head(query: Any, key: Any, value: Any, **_: Any) -> Any:
@@ -88,7 +91,8 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Written by `python benchmarks/step_parts.py`: each job of `run.py` with lmtune's defaults, "
         f"{PROFILED} timed steps after {WARMUP} warm-up ones, each part replaced by a stand-in that does next to nothing (see the script), "
-        f"medians of {ROUNDS} alternated rounds, no profiler. Share: the part of the step's time that disappears.",
+        f"medians of {ROUNDS} alternated rounds, no profiler. Share: the part of the step's time that disappears. "
+        "Shares within 2-3% either way are this machine's noise; the norms' stand-in also changes the values above it.",
         "",
         "| job | tok/s | attention | rotary | norms | LoRA dropout |",
         "|---|---:|---:|---:|---:|---:|",

@@ -8,7 +8,8 @@ time falls into one of four parts: matrix products (and the FLOP/s they reach: t
 counted in a second run of the same steps), attention (SDPA's kernels), the optimizer with gradient clipping, and the rest
 (norms, rotary, activations, residual additions, the loss: elementwise passes over memory).
 Ceilings: the tokens/s if the parts other than matrix products took no time at all, and
-if only the rest took none; with results.json from `run.py`, also as ratios to that run's baseline.
+if only the rest took none. (No ratios to run.py's baseline: that ran in another process at another time,
+and a ratio here must come from one run.)
 """
 
 from __future__ import annotations
@@ -107,17 +108,13 @@ def main() -> None:
     build_model(model)
     build_data(data, 128)
     peak = matmul_peak_gflops()
-    baseline = {}
-    results = HERE / "results.json"
-    if results.exists():
-        baseline = {job: values["baseline"]["tokens_per_s"] for job, values in json.loads(results.read_text())["jobs"].items() if "baseline" in values}
     rows = []
     for job in JOBS:
         rows.append((job, profile_job(job, model, data)))
         print(job, json.dumps(rows[-1][1]), flush=True)
 
     def rate(job: str, tokens_per_s: float) -> str:
-        return f"{tokens_per_s:,.0f}" + (f" ({tokens_per_s / baseline[job]:.2f}x)" if job in baseline else "")
+        return f"{tokens_per_s:,.0f}"
 
     lines = [
         "## Where a training step's time goes (lmtune, CPU)",
@@ -127,7 +124,8 @@ def main() -> None:
         f"(after {WARMUP} warm-up steps) with lmtune's defaults; each operator's own time counted in one part. `rest`: norms,",
         "rotary embeddings, activations, residual additions, the loss: elementwise passes over memory. Tokens/s are the",
         "profiled steps' (a little below unprofiled); the two ceilings are the tokens/s if every part but the matrix",
-        "products took no time, and if only `rest` took none" + (". In brackets: ratios to run.py's baseline (results.json)." if baseline else "."),
+        "products took no time, and if only `rest` took none. The profiler inflates elementwise operators inside training",
+        "(`rest` above all): the next section measures the parts without it.",
         "",
         "| job | tok/s | matmul | matmul GFLOP/s (of peak) | attention | optimizer + clipping | rest | ceiling: matmul alone | ceiling: no `rest` |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
