@@ -186,8 +186,10 @@ def torchtune(job: str, model_dir: str, data: str, out: str, steps: int, recompu
     import torchtune as package
     from omegaconf import OmegaConf
 
-    shape = dict(vocab_size=1024, num_layers=8, num_heads=8, num_kv_heads=4, embed_dim=512, max_seq_len=2048,
-                 intermediate_dim=1408, norm_eps=1e-6, rope_base=10000.0)  # the benchmark model's config.json
+    hf = json.loads((Path(model_dir) / "config.json").read_text())  # torchtune's names for the benchmark model's shape
+    shape = dict(vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                 num_kv_heads=hf["num_key_value_heads"], embed_dim=hf["hidden_size"], max_seq_len=hf["max_position_embeddings"],
+                 intermediate_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"], rope_base=hf["rope_parameters"]["rope_theta"])
     if job == "lora":
         model = dict(_component_="torchtune.models.llama3.lora_llama3", lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
                      apply_lora_to_mlp=False, apply_lora_to_output=False, lora_rank=LORA["r"], lora_alpha=LORA["alpha"],

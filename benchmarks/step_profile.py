@@ -113,9 +113,6 @@ def main() -> None:
         rows.append((job, profile_job(job, model, data)))
         print(job, json.dumps(rows[-1][1]), flush=True)
 
-    def rate(job: str, tokens_per_s: float) -> str:
-        return f"{tokens_per_s:,.0f}"
-
     lines = [
         "## Where a training step's time goes (lmtune, CPU)",
         "",
@@ -133,9 +130,9 @@ def main() -> None:
     for job, found in rows:
         s, tokens_per_s = found["shares"], found["tokens_per_s"]
         lines.append(
-            f"| {job} | {rate(job, tokens_per_s)} | {s['matmul']:.0%} | {found['matmul_gflops']:.0f} ({found['matmul_gflops'] / peak:.0%}) "
-            f"| {s['attention']:.0%} | {s['optimizer']:.0%} | {s['rest']:.0%} | {rate(job, tokens_per_s / s['matmul'])} "
-            f"| {rate(job, tokens_per_s / (1 - s['rest']))} |"
+            f"| {job} | {tokens_per_s:,.0f} | {s['matmul']:.0%} | {found['matmul_gflops']:.0f} ({found['matmul_gflops'] / peak:.0%}) "
+            f"| {s['attention']:.0%} | {s['optimizer']:.0%} | {s['rest']:.0%} | {tokens_per_s / s['matmul']:,.0f} "
+            f"| {tokens_per_s / (1 - s['rest']):,.0f} |"
         )
     write_section("profile", "\n".join(lines))
     print("\n".join(lines))
