@@ -1,7 +1,7 @@
 """lmtune against the other fine-tuning tools at their best settings, on the same job, alternated.
 
     python benchmarks/peers.py                       # 3 rounds, LoRA and full, every peer that installs
-    python benchmarks/peers.py --rounds 1 --tools lmtune trl_packing --jobs lora   # a quick look
+    python benchmarks/peers.py --rounds 1 --tools lmtune trl_packing --jobs lora --look   # a quick look, not stored
 
 The job: the ~27M-parameter Llama of benchmarks/run.py built in code, its 2,000 instruction rows in the same
 order, LoRA r16 on q,k,v,o (or full fine-tuning), AdamW, cosine, fp32, rows of at most 1,024 tokens, 20 steps.
@@ -88,6 +88,8 @@ def venv_for(tool: str) -> Path | None:
 
 
 def versions(tool: str) -> str:
+    """What the tool's virtualenv holds, in words (stored with each run, so a report can name the versions of runs
+    whose virtualenv is not on this machine)."""
     folder = WORK / f"venv-{PEERS[tool][0].split('==')[0]}"
     frozen = dict(line.split("==", 1) for line in (folder / "ok").read_text().splitlines() if "==" in line)
     name = PEERS[tool][0].split("==")[0]
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=["lora", "full"])
     parser.add_argument("--tools", nargs="+", default=[*LMTUNE, *PEERS])
     parser.add_argument("--held", action="store_true", help="also sample the peak held by malloc (slows every run 8-10%%)")
+    parser.add_argument("--look", action="store_true", help="print the report of these runs only; store nothing")
     parser.add_argument("--child", nargs=7)
     args = parser.parse_args()
     global HELD
@@ -186,9 +189,14 @@ def main() -> None:
                 got = one_run(tool, job, pythons[tool], model, data / "train.jsonl", args.steps)
                 if got:
                     got["first_step_cold_s"] = cold["first_step_s"] if cold else None
+                    if tool in PEERS:
+                        got["versions"] = versions(tool)
                     runs.setdefault((job, tool), []).append(got)
                     print(f"round {round_number + 1} {job} {tool}: {got['tokens_per_s']:.0f} tok/s, {got['peak_mb']:.0f} MiB, "
                           f"first step {got['first_step_s']:.1f} s (cold {got['first_step_cold_s'] or float('nan'):.1f} s), loss {got['loss']}", flush=True)
+    if args.look:
+        print(report(runs, [t for t in [*LMTUNE, *PEERS] if any(key[1] == t for key in runs)], args))
+        return
     # every run kept by (job, tool): a later call for some tools replaces theirs and reports beside the rest
     stored = json.loads(RUNS.read_text()) if RUNS.exists() else {}
     stored.update({f"{job} {tool}": got for (job, tool), got in runs.items()})
@@ -210,7 +218,9 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
              "optimizer step; cold: each tool's caches emptied first (tokenised data, datasets cache, prepared dataset), in a "
              "2-step run just before the measured one, which finds them filled (warm).", ""]
     for requirement in dict.fromkeys(PEERS[t][0] for t in tools if t in PEERS):
-        lines.append(f"- {versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
+        ran = [g for (_, t), got in runs.items() if PEERS.get(t, ("",))[0] == requirement for g in got]
+        recorded = next((g["versions"] for g in reversed(ran) if "versions" in g), None)
+        lines.append(f"- {recorded or versions(next(t for t in tools if PEERS.get(t, ('',))[0] == requirement))}")
     for job in args.jobs:
         lines += ["", f"### {'LoRA r16 on q,k,v,o' if job == 'lora' else 'full fine-tuning'}", "",
                   "| tool, setting | layout | tokens/s | peak RSS MiB | peak held by malloc MiB | start to first step s, warm | cold | loss at the end |",
@@ -232,8 +242,11 @@ def report(runs: dict, tools: list[str], args: argparse.Namespace) -> str:
             quick = {f"{m}_s": min(peers, key=lambda t, m=m: peers[t][f"{m}_s"]) for m in ("first_step", "first_step_cold")}
             starts = "; ".join(f"start to first step{' (cold caches)' if 'cold' in key else ''} "
                                f"{medians['lmtune'][key] / peers[t][key]:.2f}x {t}'s" for key, t in quick.items())
-            lines += ["", f"lmtune defaults against the best peer: {medians['lmtune']['tokens_per_s'] / peers[fastest]['tokens_per_s']:.2f}x "
-                      f"the tokens/s of {fastest}; {starts} (the quickest peer's)."]
+            ours = medians["lmtune"]
+            lines += ["", f"lmtune defaults against the best peer: {ours['tokens_per_s'] / peers[fastest]['tokens_per_s']:.2f}x "
+                      f"the tokens/s of {fastest}, start to first step {ours['first_step_s'] / peers[fastest]['first_step_s']:.2f}x "
+                      f"its warm and {ours['first_step_cold_s'] / peers[fastest]['first_step_cold_s']:.2f}x its cold; "
+                      f"against the quickest peer to start: {starts}."]
             for ours, layout in ((t, LAYOUT[t]) for t in LMTUNE):
                 same = {t: m for t, m in peers.items() if LAYOUT[t] == layout}
                 if ours in medians and same:
