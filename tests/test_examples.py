@@ -51,5 +51,5 @@ def test_rlvr_walkthrough_raises_heldout_accuracy_after_grpo_over_sft(tmp_path):
     assert "held-out exact-match accuracy on 200 sums never seen in training" in run.stdout
     scores = json.loads((out / "accuracy.json").read_text())
     assert scores["start"] < 0.05 and scores["sft"] > 0.2, scores  # sft teaches a partial skill
-    assert scores["grpo"] > scores["sft"] + 0.15, scores  # measured: 54.5% -> 92.5%
+    assert scores["grpo"] > scores["sft"] + 0.15, scores  # measured: 52.0% -> 87.0% (seed 1: 56.5% -> 90.0%)
     assert '"stage": "grpo"' in (out / "grpo" / "final" / "lmtune.json").read_text()
