@@ -456,3 +456,33 @@ def test_collection_pauses_only_while_a_run_sets_up(tmp_path):
         with loop.collection_paused():
             raise TrainingError("setup failed")
     assert gc.isenabled()
+
+
+def test_torch_compile_compiles_the_blocks_the_loss_runs_through(tmp_path, monkeypatch):
+    """torch_compile: dynamo traces the decoder blocks lmtune trains through (a whole-model wrapper would not:
+    the loss reads the decoder through get_decoder()), and the loss curve is eager's within float error.
+    The eager backend keeps the test to dynamo's tracing, without inductor's C++ build."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import lmtune.model.compiled as compiled
+
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    settings = dict(method="lora", lora_r=8, learning_rate=1e-2, lora_dropout=0.0, max_steps=4)
+    eager = losses(run(make_config(tmp_path, name="eager", **settings)))
+    torch._dynamo.reset()
+    counters.clear()
+    result = run(make_config(tmp_path, name="compiled", torch_compile=True, **settings))
+    assert counters["frames"]["ok"] > 0, dict(counters["frames"])
+    assert losses(result) == pytest.approx(eager, rel=1e-4)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_is_named_ignored_by_stages_with_their_own_recipe():
+    from lmtune.config.load import resolve
+
+    for stage in ("grpo", "ppo"):
+        lines = [str(p) for p in resolve(data={"stage": stage, "torch_compile": True}).problems]
+        assert f"warning: torch_compile: ignored with stage: {stage}, whose recipe generates answers between steps; " \
+               "set torch_compile: false" in lines, lines
+    assert not [p for p in resolve(data={"stage": "sft", "torch_compile": True}).problems if p.key == "torch_compile"]

@@ -195,6 +195,10 @@ def the_stage_rules(r: "Resolved") -> list[Problem]:
         out.append(Problem("error", "pack_to_length", "rows packed to a length are laid out without padding; remove packing: false, or set pack_to_length: false"))
     elif d.pack_to_length and d.group_by_length:
         out.append(Problem("warning", "group_by_length", "ignored with pack_to_length: rows are filled with examples of mixed lengths"))
+    if r.config.training.torch_compile and stage.recipe is not None:
+        # their recipes sample answers between steps, where compiled blocks would recompile at every new length
+        out.append(Problem("warning", r.sources["torch_compile"].name if r.was_set("torch_compile") else "torch_compile",
+                           f"ignored with stage: {stage.name}, whose recipe generates answers between steps; set torch_compile: false"))
     mine = set(stage.keys())
     ignored: dict[str, list[str]] = {}  # the stages they apply to -> the keys the user set
     for key in sorted({k for s in STAGES.values() for k in s.keys()} - mine, key=list(KEY_ORDER).index):

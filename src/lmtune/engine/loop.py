@@ -25,6 +25,7 @@ import torch
 
 from ..config.schema import Config
 from ..data.batches import Batches, batch_layout
+from ..model.compiled import compile_blocks
 from ..model.load import load_model
 from ..model.methods import apply_method, parameter_counts
 from ..model.packed_attention import shares_prompts, switch_to_packed, switch_to_packed_rows
@@ -136,7 +137,8 @@ class SharedLoop:
         self.accelerator = run.accelerator
         run.phase("method and optimizer")
         if t.torch_compile:
-            self.model = torch.compile(self.model)
+            blocks = compile_blocks(self.model)
+            run.say(f"model: torch_compile: {blocks} decoder blocks compiled in place (the first steps take longer while they compile)")
         self.eval_steps, self.eval_each_epoch = eval_every(config, self.steps_per_epoch, self.eval_batches is not None)
         run.resume_or_start()
         self.state = run.state
