@@ -197,7 +197,7 @@ def the_stage_rules(r: "Resolved") -> list[Problem]:
         out.append(Problem("warning", "group_by_length", "ignored with pack_to_length: rows are filled with examples of mixed lengths"))
     if r.config.training.torch_compile and stage.recipe is not None:
         # their recipes sample answers between steps, where compiled blocks would recompile at every new length
-        out.append(Problem("warning", r.sources["torch_compile"].name if r.was_set("torch_compile") else "torch_compile",
+        out.append(Problem("warning", r.sources["torch_compile"].name,
                            f"ignored with stage: {stage.name}, whose recipe generates answers between steps; set torch_compile: false"))
     mine = set(stage.keys())
     ignored: dict[str, list[str]] = {}  # the stages they apply to -> the keys the user set

@@ -4,8 +4,7 @@
 states through `get_decoder()` (to run the head on trained positions only), and a compiled wrapper hands
 its submodules back uncompiled. Here every block of the classes the model names as its unsplittable units
 (`_no_split_modules`, the decoder layers) is compiled with `nn.Module.compile`, in place: parameter names,
-state dicts, peft and FSDP wrappers stay as they are, and blocks of one class share one compiled graph, so
-a model compiles one block's worth of code however deep it is.
+state dicts, peft and FSDP wrappers stay as they are.
 
 lmtune's own fused pieces (the LoRA dropout draw, the per-example attention of packed rows) end a graph
 where they branch on data, so the blocks compile in parts around them.
