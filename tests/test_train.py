@@ -483,6 +483,5 @@ def test_torch_compile_is_named_ignored_by_stages_with_their_own_recipe():
 
     for stage in ("grpo", "ppo"):
         lines = [str(p) for p in resolve(data={"stage": stage, "torch_compile": True}).problems]
-        assert f"warning: torch_compile: ignored with stage: {stage}, whose recipe generates answers between steps; " \
-               "set torch_compile: false" in lines, lines
+        assert f"warning: torch_compile: ignored with stage: {stage}, which runs a recipe of its own; set torch_compile: false" in lines, lines
     assert not [p for p in resolve(data={"stage": "sft", "torch_compile": True}).problems if p.key == "torch_compile"]

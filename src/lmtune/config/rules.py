@@ -198,7 +198,7 @@ def the_stage_rules(r: "Resolved") -> list[Problem]:
     if r.config.training.torch_compile and stage.recipe is not None:
         # their recipes sample answers between steps, where compiled blocks would recompile at every new length
         out.append(Problem("warning", r.sources["torch_compile"].name,
-                           f"ignored with stage: {stage.name}, whose recipe generates answers between steps; set torch_compile: false"))
+                           f"ignored with stage: {stage.name}, which runs a recipe of its own; set torch_compile: false"))
     mine = set(stage.keys())
     ignored: dict[str, list[str]] = {}  # the stages they apply to -> the keys the user set
     for key in sorted({k for s in STAGES.values() for k in s.keys()} - mine, key=list(KEY_ORDER).index):

@@ -28,13 +28,15 @@ class DistributedError(UserError, RuntimeError):
     """A multi-process setup that cannot run as configured."""
 
 
-def decoder_blocks(model: Any) -> list[torch.nn.Module]:
+def decoder_blocks(model: Any, setting: str = "enable_fsdp") -> list[torch.nn.Module]:
     """The model's repeated blocks, by the class names transformers marks as not to be split (LlamaDecoderLayer, ...),
-    read from every transformers model inside `model` (a PEFT wrapper, or a policy beside a value head)."""
+    read from every transformers model inside `model` (a PEFT wrapper, or a policy beside a value head). Matched
+    by the class's lineage: FSDP2 gives each block it shards a subclass of its own (FSDPLlamaDecoderLayer).
+    `setting`: the config key that needs them, named in the error when there are none."""
     names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
-        raise DistributedError(f"enable_fsdp: {type(model).__name__} names no decoder block class to shard by; set enable_fsdp: false")
+        raise DistributedError(f"{setting}: {type(model).__name__} names no decoder block class; set {setting}: false")
     return blocks
 
 
